@@ -1,0 +1,39 @@
+# Vitrine — the verbs a newcomer can guess. Each installs the project venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PROTOS := $(wildcard proto/vitrine/v1/*.proto)
+GEN    := vitrine/v1/.generated
+
+.PHONY: setup proto demo test bench clean
+
+setup: $(STAMP) $(GEN)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+# Python stubs for the public API, generated into the importable package vitrine.v1.
+$(GEN): $(STAMP) $(PROTOS)
+	mkdir -p vitrine/v1
+	$(PY) -m grpc_tools.protoc -Iproto \
+	  -I$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+	  --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch vitrine/v1/__init__.py $@
+
+proto: $(GEN)
+
+demo: setup
+	$(VENV)/bin/vitrine demo
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(VENV)/bin/vitrine bench all --short
+
+clean:
+	rm -rf vitrine/v1 .cache demo_out var .pytest_cache
