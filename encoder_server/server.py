@@ -1,0 +1,590 @@
+"""Serve a Vitrine model repository with NVIDIA Triton (PyTriton's bundled `tritonserver`).
+
+The bundled tritonserver has no onnxruntime backend, so each tower is bound as a PyTriton model whose
+inference callable runs the tower's `model.onnx` with ONNX Runtime in this process. Everything a stock
+Triton would take from `config.pbtxt` is taken from it here too: the model name, input/output names,
+dtypes and dims, `max_batch_size`, `dynamic_batching` (max_queue_delay_microseconds,
+preferred_batch_size, ...), `instance_group` count (one inference callable, each with its own ORT
+session, per instance) and `model_warmup` (run here before Triton starts, because PyTriton 0.7 accepts
+but never runs model_warmup). Clients see standard KServe v2 gRPC/HTTP endpoints and Prometheus metrics.
+
+This module imports neither torch nor open_clip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import os
+import signal
+import sysconfig
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from google.protobuf import text_format
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
+from pytriton.model_config.common import TimeoutAction
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+from tritonclient.grpc import InferenceServerClient, model_config_pb2
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+from encoder_server.runtime import create_session, runtime_options_from_config
+
+LOGGER = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.pbtxt"
+DEFAULT_MODEL_FILENAME = "model.onnx"
+WARMUP_DIR = "warmup"  # Triton: model_warmup input_data_file is relative to <model>/warmup/
+
+
+class ModelRepositoryError(ValueError):
+    """The model repository (or one model's config.pbtxt / model.onnx) cannot be served as it is."""
+
+
+def read_model_config(path: Path | str) -> model_config_pb2.ModelConfig:
+    """Parse a Triton `config.pbtxt` (protobuf text format) into a `ModelConfig` message.
+
+    Raises:
+        FileNotFoundError: no such file.
+        google.protobuf.text_format.ParseError: the file is not a valid ModelConfig in text format.
+    """
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+def numpy_dtype(data_type: int) -> np.dtype:
+    """Map a Triton `DataType` enum value (e.g. TYPE_UINT8) to the numpy dtype Triton uses for it.
+
+    Raises:
+        ModelRepositoryError: TYPE_INVALID or a type without a numpy equivalent.
+    """
+    name = model_config_pb2.DataType.Name(data_type)
+    np_type = triton_to_np_dtype(name.removeprefix("TYPE_"))
+    if np_type is None:
+        raise ModelRepositoryError(f"Triton data type {name} has no numpy equivalent")
+    return np.dtype(np_type)
+
+
+# ONNX Runtime's tensor type strings for the numpy dtypes a Vitrine tower uses (ORT NodeArg.type).
+_ORT_TYPE_NAMES = {
+    np.dtype(np.uint8): "tensor(uint8)",
+    np.dtype(np.int8): "tensor(int8)",
+    np.dtype(np.int32): "tensor(int32)",
+    np.dtype(np.int64): "tensor(int64)",
+    np.dtype(np.float16): "tensor(float16)",
+    np.dtype(np.float32): "tensor(float)",
+    np.dtype(np.float64): "tensor(double)",
+    np.dtype(np.bool_): "tensor(bool)",
+}
+
+
+@dataclasses.dataclass
+class ServedModel:
+    """One tower as this server serves it.
+
+    Attributes:
+        name: Triton model name (== the model directory name).
+        version: model version directory served (highest numeric one holding the model file).
+        config: the parsed config.pbtxt.
+        model_path: the ONNX file.
+        sessions: one ONNX Runtime session per Triton instance.
+        warmup_seconds: wall time spent running `model_warmup`, seconds.
+    """
+
+    name: str
+    version: int
+    config: model_config_pb2.ModelConfig
+    model_path: Path
+    sessions: list[ort.InferenceSession]
+    warmup_seconds: float = 0.0
+
+
+def discover_models(repository: Path) -> list[tuple[Path, model_config_pb2.ModelConfig]]:
+    """List `(model_dir, config)` for every directory of `repository` that holds a config.pbtxt, by name.
+
+    Raises:
+        ModelRepositoryError: `repository` is not a directory, holds no model, a config's `name`
+            differs from its directory name (Triton requires them equal), or a model does not batch
+            (max_batch_size 0).
+    """
+    if not repository.is_dir():
+        raise ModelRepositoryError(f"model repository {repository} is not a directory")
+    found = []
+    for model_dir in sorted(p for p in repository.iterdir() if (p / CONFIG_FILE).is_file()):
+        config = read_model_config(model_dir / CONFIG_FILE)
+        if config.name and config.name != model_dir.name:
+            raise ModelRepositoryError(
+                f"{model_dir / CONFIG_FILE}: name {config.name!r} differs from its directory name "
+                f"{model_dir.name!r}"
+            )
+        if not config.name:
+            config.name = model_dir.name
+        if config.max_batch_size <= 0:
+            raise ModelRepositoryError(
+                f"{model_dir / CONFIG_FILE}: max_batch_size must be > 0 (the encoder server serves batching "
+                "models only; dims then exclude the batch dimension)"
+            )
+        found.append((model_dir, config))
+    if not found:
+        raise ModelRepositoryError(
+            f"no model in {repository}: expected <model>/{CONFIG_FILE} directories "
+            "(create a repository with `vitrine export`)"
+        )
+    return found
+
+
+def _latest_version(model_dir: Path, filename: str) -> tuple[int, Path]:
+    versions = sorted(
+        (int(p.name), p / filename) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()
+    )
+    if not versions:
+        raise ModelRepositoryError(f"{model_dir}: no <version>/{filename} (e.g. {model_dir}/1/{filename})")
+    return versions[-1]
+
+
+def _check_signature(name: str, config: model_config_pb2.ModelConfig, session: ort.InferenceSession) -> None:
+    """Raise ModelRepositoryError when the ONNX graph's inputs/outputs disagree with the config."""
+    graph = {arg.name: arg for arg in [*session.get_inputs(), *session.get_outputs()]}
+    batched = config.max_batch_size > 0
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        for tensor in tensors:
+            arg = graph.get(tensor.name)
+            if arg is None:
+                raise ModelRepositoryError(
+                    f"model {name!r}: config {kind} {tensor.name!r} is not a tensor of the ONNX graph "
+                    f"(graph has {sorted(graph)})"
+                )
+            want_type = _ORT_TYPE_NAMES.get(numpy_dtype(tensor.data_type))
+            if want_type is not None and arg.type != want_type:
+                raise ModelRepositoryError(
+                    f"model {name!r}: {kind} {tensor.name!r} is {arg.type} in the ONNX graph but "
+                    f"{model_config_pb2.DataType.Name(tensor.data_type)} in config.pbtxt"
+                )
+            dims = ([-1] if batched else []) + list(tensor.dims)
+            graph_dims = [d if isinstance(d, int) else -1 for d in arg.shape]
+            compatible = len(graph_dims) == len(dims) and all(
+                g == c or g == -1 or c == -1 for g, c in zip(graph_dims, dims)
+            )
+            if not compatible:
+                raise ModelRepositoryError(
+                    f"model {name!r}: {kind} {tensor.name!r} has shape {arg.shape} in the ONNX graph but "
+                    f"dims {dims} in config.pbtxt (-1 = any, first = batch when max_batch_size > 0)"
+                )
+
+
+def _warmup_inputs(
+    model_dir: Path, config: model_config_pb2.ModelConfig, warmup: model_config_pb2.ModelWarmup
+) -> dict[str, np.ndarray]:
+    """Build one warmup sample's input arrays following Triton's ModelWarmup semantics.
+
+    Shape: [batch_size, *dims] when the model batches (max_batch_size > 0), else dims. zero_data ->
+    zeros; random_data -> uniform random values; input_data_file -> the raw row-major tensor bytes of
+    `<model_dir>/warmup/<file>`.
+    """
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for input_name, spec in warmup.inputs.items():
+        dtype = numpy_dtype(spec.data_type)
+        shape = ([max(warmup.batch_size, 1)] if config.max_batch_size > 0 else []) + list(spec.dims)
+        which = spec.WhichOneof("input_data_type")
+        if which == "zero_data":
+            array = np.zeros(shape, dtype=dtype)
+        elif which == "random_data":
+            if np.issubdtype(dtype, np.integer):
+                high = min(np.iinfo(dtype).max, 256)
+                array = rng.integers(0, high, size=shape).astype(dtype)
+            else:
+                array = rng.random(size=shape).astype(dtype)
+        elif which == "input_data_file":
+            raw = (model_dir / WARMUP_DIR / spec.input_data_file).read_bytes()
+            array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        else:
+            raise ModelRepositoryError(
+                f"model {config.name!r}: warmup {warmup.name!r} input {input_name!r} sets none of "
+                "zero_data, random_data, input_data_file"
+            )
+        arrays[input_name] = array
+    return arrays
+
+
+def _run_warmup(model_dir: Path, served: ServedModel) -> None:
+    """Run every `model_warmup` sample of the config `count` times (0 -> once) on every instance."""
+    started = time.perf_counter()
+    outputs = [t.name for t in served.config.output]
+    for warmup in served.config.model_warmup:
+        feeds = _warmup_inputs(model_dir, served.config, warmup)
+        for session in served.sessions:
+            for _ in range(max(warmup.count, 1)):
+                session.run(outputs, feeds)
+    served.warmup_seconds = time.perf_counter() - started
+    if served.config.model_warmup:
+        LOGGER.info(
+            "model %s: %d warmup sample(s) on %d instance(s) in %.2f s",
+            served.name,
+            len(served.config.model_warmup),
+            len(served.sessions),
+            served.warmup_seconds,
+        )
+
+
+def _make_infer_callable(
+    session: ort.InferenceSession, input_names: Sequence[str], output_names: Sequence[str]
+) -> Callable[..., dict[str, np.ndarray]]:
+    """One instance's inference callable: the batched inputs in, the ONNX outputs out (same names)."""
+
+    @batch
+    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+        results = session.run(list(output_names), {name: inputs[name] for name in input_names})
+        return dict(zip(output_names, results))
+
+    return infer
+
+
+def _dynamic_batcher(config: model_config_pb2.ModelConfig) -> DynamicBatcher | None:
+    if not config.HasField("dynamic_batching"):
+        return None
+    db = config.dynamic_batching
+    policy = None
+    if db.HasField("default_queue_policy"):
+        qp = db.default_queue_policy
+        policy = QueuePolicy(
+            timeout_action=TimeoutAction(model_config_pb2.ModelQueuePolicy.TimeoutAction.Name(qp.timeout_action)),
+            default_timeout_microseconds=qp.default_timeout_microseconds,
+            allow_timeout_override=qp.allow_timeout_override,
+            max_queue_size=qp.max_queue_size,
+        )
+    return DynamicBatcher(
+        max_queue_delay_microseconds=db.max_queue_delay_microseconds,
+        preferred_batch_size=list(db.preferred_batch_size) or None,
+        preserve_ordering=db.preserve_ordering,
+        priority_levels=db.priority_levels,
+        default_priority_level=db.default_priority_level,
+        default_queue_policy=policy,
+    )
+
+
+def _instance_count(config: model_config_pb2.ModelConfig) -> int:
+    """Total instances over all instance groups (Triton: count defaults to 1 per group; no group -> 1)."""
+    if not config.instance_group:
+        return 1
+    return sum(max(group.count, 1) for group in config.instance_group)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _python_libdir_first() -> Iterator[None]:
+    """Put this interpreter's LIBDIR first in LD_LIBRARY_PATH while PyTriton spawns tritonserver.
+
+    PyTriton builds the tritonserver environment from `os.environ.copy()` at spawn time
+    (`pytriton.server.triton_server.TritonServer._get_env`) and only appends its own libs; the Python
+    backend stub links `libpython3.X.so.1.0`, and a system copy of a different patch level found first
+    breaks model loading (`'_thread.RLock' object has no attribute '_recursion_count'`). The variable
+    is restored afterwards; this process's own loader is unaffected (glibc reads it at exec only).
+    """
+    libdir = sysconfig.get_config_var("LIBDIR")
+    previous = os.environ.get("LD_LIBRARY_PATH")
+    if libdir:
+        parts = [libdir] + [p for p in (previous or "").split(os.pathsep) if p and p != libdir]
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(parts)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = previous
+
+
+class EncoderServer:
+    """Triton (PyTriton) serving every model of a Vitrine model repository over KServe v2.
+
+    Usage::
+
+        with EncoderServer(Path("model_repository"), grpc_port=8001) as server:
+            ...  # Triton answers on 127.0.0.1:8000 (HTTP), :8001 (gRPC), :8002 (metrics)
+
+    Args:
+        repository: the model repository (`<repo>/<model>/config.pbtxt`, `<repo>/<model>/<version>/model.onnx`).
+        http_port, grpc_port, metrics_port: Triton's KServe v2 HTTP, gRPC and Prometheus metrics ports.
+        host: bind address of all three endpoints (default loopback only).
+        ort_threads: ONNX Runtime intra-op threads per session; None -> the config's
+            `intra_op_thread_count` parameter, else ORT's default (one per core).
+        providers: ONNX Runtime execution-provider allow-list (e.g. ["CPUExecutionProvider"]); None ->
+            best available, TensorRT -> CUDA -> CPU (see `encoder_server.runtime`).
+        restricted_endpoints: Triton endpoint groups ("statistics", "model-repository", "shared-memory",
+            "trace", "logging") that require the `triton-access-token` header (`access_token`). None
+            (default) -> open (no token) when `host` is a loopback address, PyTriton's default protected
+            set when binding beyond loopback. Open statistics are needed by
+            `tritonclient...get_inference_statistics` without a token.
+        access_token: token for the restricted endpoints; None -> PyTriton generates one
+            (`EncoderServer.access_token`).
+        startup_timeout_s: how long `start()` waits for every model to be ready, seconds.
+        workspace: PyTriton workspace folder (sockets, generated model store); None -> a temporary one.
+        log_verbose: tritonserver verbose log level (0 = off).
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        host: str = "127.0.0.1",
+        ort_threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        restricted_endpoints: Sequence[str] | None = None,
+        access_token: str | None = None,
+        startup_timeout_s: float = 120.0,
+        workspace: Path | None = None,
+        log_verbose: int = 0,
+    ) -> None:
+        self.repository = Path(repository)
+        self.host = host
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_port
+        self.ort_threads = ort_threads
+        self.providers = list(providers) if providers is not None else None
+        if restricted_endpoints is None:
+            restricted_endpoints = [] if _is_loopback(host) else None
+        self._security = TritonSecurityConfig(
+            access_token=access_token,
+            restricted_endpoints=list(restricted_endpoints) if restricted_endpoints is not None else None,
+        )
+        self.startup_timeout_s = startup_timeout_s
+        self.workspace = workspace
+        self.log_verbose = log_verbose
+        self.models: dict[str, ServedModel] = {}
+        #: seconds spent in each phase of the last `start()`: sessions, warmup, triton, total.
+        self.startup_timings: dict[str, float] = {}
+        self._triton: Triton | None = None
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------------- info
+    @property
+    def grpc_url(self) -> str:
+        """`host:port` of the KServe v2 gRPC endpoint (tritonclient.grpc form)."""
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """`host:port` of the KServe v2 HTTP endpoint (tritonclient.http form)."""
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of the Prometheus metrics endpoint."""
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def access_token(self) -> str | None:
+        """Token for the restricted endpoints (None when nothing is restricted)."""
+        return self._security.access_token
+
+    def is_running(self) -> bool:
+        """True while tritonserver and every bound model are alive."""
+        return self._triton is not None and self._triton.is_alive()
+
+    # --------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> EncoderServer:
+        """Load every model, run its warmup, start Triton; return once all models are ready.
+
+        Returns:
+            self.
+
+        Raises:
+            ModelRepositoryError: the repository or a model in it cannot be served.
+            RuntimeError: already started, or tritonserver did not report every model ready within
+                `startup_timeout_s`.
+        """
+        with self._lock:
+            if self._triton is not None:
+                raise RuntimeError("EncoderServer already started")
+            t0 = time.perf_counter()
+            try:
+                self._load_models()
+                t_sessions = time.perf_counter()
+                for model_dir, served in self._model_dirs.items():
+                    _run_warmup(model_dir, served)
+                t_warm = time.perf_counter()
+                self._start_triton()
+                self._wait_until_ready()
+            except BaseException:
+                self._shutdown()
+                raise
+            t_ready = time.perf_counter()
+            self.startup_timings = {
+                "sessions": t_sessions - t0,
+                "warmup": t_warm - t_sessions,
+                "triton": t_ready - t_warm,
+                "total": t_ready - t0,
+            }
+            LOGGER.info(
+                "encoder server ready in %.2f s (ORT sessions %.2f s, warmup %.2f s, tritonserver %.2f s): "
+                "models %s; gRPC %s, HTTP %s, metrics %s",
+                self.startup_timings["total"],
+                self.startup_timings["sessions"],
+                self.startup_timings["warmup"],
+                self.startup_timings["triton"],
+                sorted(self.models),
+                self.grpc_url,
+                self.http_url,
+                self.metrics_url,
+            )
+            return self
+
+    def stop(self) -> None:
+        """Stop tritonserver and release the ONNX Runtime sessions. Safe to call more than once."""
+        with self._lock:
+            self._shutdown()
+
+    def serve_forever(self, poll_interval_s: float = 1.0) -> None:
+        """Start (if needed) and serve until SIGINT/SIGTERM, then stop cleanly.
+
+        Must be called from the main thread (signal handlers). Returns after the clean stop.
+
+        Raises:
+            RuntimeError: tritonserver or a model died while serving.
+        """
+        stop_requested = threading.Event()
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            LOGGER.info("received %s, stopping encoder server", signal.Signals(signum).name)
+            stop_requested.set()
+
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self._triton is None:
+                self.start()
+            while not stop_requested.wait(poll_interval_s):
+                if not self.is_running():
+                    raise RuntimeError("tritonserver or a bound model stopped unexpectedly")
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> EncoderServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -------------------------------------------------------------------------------------- internals
+    def _load_models(self) -> None:
+        self._model_dirs: dict[Path, ServedModel] = {}
+        for model_dir, config in discover_models(self.repository):
+            filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
+            version, model_path = _latest_version(model_dir, filename)
+            options = runtime_options_from_config(config, intra_op_threads=self.ort_threads, providers=self.providers)
+            sessions = [create_session(model_path, options) for _ in range(_instance_count(config))]
+            _check_signature(config.name, config, sessions[0])
+            served = ServedModel(config.name, version, config, model_path, sessions)
+            self._model_dirs[model_dir] = served
+            self.models[config.name] = served
+
+    def _start_triton(self) -> None:
+        triton_config = TritonConfig(
+            http_address=self.host,
+            http_port=self.http_port,
+            grpc_address=self.host,
+            grpc_port=self.grpc_port,
+            metrics_address=self.host,
+            metrics_port=self.metrics_port,
+            allow_metrics=True,
+            strict_readiness=True,
+            exit_on_error=True,
+            log_verbose=self.log_verbose,
+        )
+        triton = Triton(config=triton_config, workspace=self.workspace, security_config=self._security)
+        self._triton = triton
+        for served in self.models.values():
+            config = served.config
+            inputs = [
+                Tensor(name=t.name, dtype=numpy_dtype(t.data_type), shape=tuple(t.dims)) for t in config.input
+            ]
+            outputs = [
+                Tensor(name=t.name, dtype=numpy_dtype(t.data_type), shape=tuple(t.dims)) for t in config.output
+            ]
+            input_names = [t.name for t in config.input]
+            output_names = [t.name for t in config.output]
+            triton.bind(
+                model_name=served.name,
+                model_version=served.version,
+                infer_func=[_make_infer_callable(s, input_names, output_names) for s in served.sessions],
+                inputs=inputs,
+                outputs=outputs,
+                config=ModelConfig(
+                    batching=True,
+                    max_batch_size=config.max_batch_size,
+                    batcher=_dynamic_batcher(config),
+                ),
+                strict=True,
+            )
+        with _python_libdir_first():
+            triton.run()
+
+    def _wait_until_ready(self) -> None:
+        """Poll Triton over gRPC until the server and every model report ready (strict readiness)."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        last_error: Exception | None = None
+        with contextlib.closing(InferenceServerClient(self.grpc_url)) as client:
+            while time.monotonic() < deadline:
+                try:
+                    if client.is_server_ready() and all(
+                        client.is_model_ready(m.name, str(m.version)) for m in self.models.values()
+                    ):
+                        return
+                except InferenceServerException as exc:
+                    last_error = exc
+                if self._triton is None or not self._triton.is_alive():
+                    raise RuntimeError("tritonserver exited during startup (see the log above)")
+                time.sleep(0.1)
+        raise RuntimeError(
+            f"models {sorted(self.models)} not ready on {self.grpc_url} after {self.startup_timeout_s} s"
+            + (f": {last_error}" if last_error else "")
+        )
+
+    def _shutdown(self) -> None:
+        triton, self._triton = self._triton, None
+        if triton is not None:
+            triton.stop()
+        self.models.clear()
+        self._model_dirs = {}
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary: endpoints, models (version, instances, providers), startup timings."""
+        return {
+            "grpc": self.grpc_url,
+            "http": self.http_url,
+            "metrics": self.metrics_url,
+            "models": {
+                name: {
+                    "version": m.version,
+                    "instances": len(m.sessions),
+                    "providers": m.sessions[0].get_providers() if m.sessions else [],
+                    "max_batch_size": m.config.max_batch_size,
+                }
+                for name, m in self.models.items()
+            },
+            "startup_seconds": self.startup_timings,
+        }

@@ -1,0 +1,213 @@
+"""RPC handlers of `vitrine.v1.RetrievalService` (see proto/vitrine/v1/retrieval_service.proto).
+
+Handlers validate the request, then call the encoder (Triton) and the vector store (Milvus, in a thread pool).
+Exceptions from the layers below become gRPC statuses in `retrieval_service.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import timestamp_pb2
+
+from retrieval_service.errors import DependencyUnavailableError, NotFoundError
+from retrieval_service.health import HealthMonitor
+from retrieval_service.ingest import IngestPipeline
+from retrieval_service.pagination import MILVUS_MAX_WINDOW, decode_page_token, encode_page_token, query_fingerprint
+from retrieval_service.settings import Settings
+from retrieval_service.status import FieldError, rpc_errors
+from vitrine.manifest import Manifest
+from vitrine.v1 import retrieval_service_pb2 as pb
+from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 10
+_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_image_id(image_id: str, field: str = "image_id") -> str:
+    """Return `image_id` if it is 64 lowercase hex characters (a sha256), else raise FieldError."""
+    if not _IMAGE_ID.match(image_id):
+        raise FieldError(field, f"{field} must be 64 lowercase hex characters (sha256 of the image bytes), "
+                                f"got {image_id[:80]!r}")
+    return image_id
+
+
+def image_record(hit: Any) -> pb.ImageRecord:
+    """Build an ImageRecord from a vector-store Hit or Row (id, filename, ingest_time_ms, metadata)."""
+    record = pb.ImageRecord(image_id=hit.id, filename=hit.filename or "")
+    if hit.metadata:
+        record.metadata.update(hit.metadata)
+    record.ingest_time.CopyFrom(timestamp_pb2.Timestamp())
+    record.ingest_time.FromMilliseconds(int(hit.ingest_time_ms))
+    return record
+
+
+class RetrievalService(pb_grpc.RetrievalServiceServicer):
+    """The handlers. One instance per server; safe for concurrent calls."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        manifest: Manifest,
+        tokenizer: Any,  # retrieval_service.tokenizer.TextTokenizer
+        encoder: Any,  # retrieval_service.encoder_client.EncoderClient
+        store: Any,  # retrieval_service.vector_store.VectorStore
+        blobs: Any,  # retrieval_service.blob_store.BlobStore
+        preprocess: Any,  # list[bytes] -> list[uint8 [H, W, 3] | ImageRejectedError]
+        ingest: IngestPipeline,
+        health: HealthMonitor,
+        decode_executor: Executor,
+        store_executor: Executor,
+    ) -> None:
+        self._s = settings
+        self._manifest = manifest
+        self._tokenizer = tokenizer
+        self._encoder = encoder
+        self._store = store
+        self._blobs = blobs
+        self._preprocess = preprocess
+        self._ingest = ingest
+        self._health = health
+        self._decode_executor = decode_executor
+        self._store_executor = store_executor
+
+    def dependency_failed(self, exc: DependencyUnavailableError) -> None:
+        """Called on UNAVAILABLE: health goes NOT_SERVING until the next successful probe."""
+        self._health.mark_down(getattr(exc, "dependency", "unknown"))
+
+    async def _in_store(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_executor, lambda: fn(*args, **kwargs))
+
+    # --- SearchImages -------------------------------------------------------------------------------------------
+
+    @rpc_errors
+    async def SearchImages(self, request: pb.SearchImagesRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        """Rank stored images by cosine similarity to a text, image or stored-image query.
+
+        Returns up to top_k (1..max_top_k, default 10) results from offset `page_token`; INVALID_ARGUMENT for bad
+        input, UNAVAILABLE when the encoder or Milvus is down.
+        """
+        top_k = request.top_k or DEFAULT_TOP_K
+        if not 1 <= top_k <= self._s.max_top_k:
+            raise FieldError("top_k", f"top_k must be in [1, {self._s.max_top_k}], got {request.top_k}")
+        min_score = request.min_score if request.HasField("min_score") else None
+        if min_score is not None and not -1.0 <= min_score <= 1.0:
+            raise FieldError("min_score", f"min_score must be in [-1, 1] (cosine similarity), got {min_score}")
+        kind = request.WhichOneof("query")
+        if kind is None:
+            raise FieldError("query", "set one of text, image or image_id")
+        key = request.image if kind == "image" else getattr(request, kind)
+        fingerprint = query_fingerprint(kind, key, request.filter, min_score)
+        offset = decode_page_token(request.page_token, fingerprint)
+        if offset + top_k > MILVUS_MAX_WINDOW:
+            raise FieldError("top_k", f"page offset {offset} + top_k {top_k} exceeds Milvus' window of "
+                                      f"{MILVUS_MAX_WINDOW} results")
+
+        t0 = time.perf_counter()
+        vector = await self._query_vector(kind, request)
+        t1 = time.perf_counter()
+        hits = (await self._in_store(self._store.search, vector[None, :], top_k, offset=offset,
+                                     filter=request.filter, min_score=min_score))[0]
+        t2 = time.perf_counter()
+
+        response = pb.SearchImagesResponse(model_id=self._manifest.model_id, encode_ms=(t1 - t0) * 1e3,
+                                           search_ms=(t2 - t1) * 1e3)
+        for rank, hit in enumerate(hits, start=offset):
+            response.results.append(pb.SearchResult(image=image_record(hit), score=hit.score, rank=rank))
+        if len(hits) == top_k and offset + top_k < MILVUS_MAX_WINDOW:
+            response.next_page_token = encode_page_token(offset + top_k, fingerprint)
+        return response
+
+    async def _query_vector(self, kind: str, request: pb.SearchImagesRequest) -> np.ndarray:
+        """Return the query embedding, float32 [D]."""
+        if kind == "text":
+            text = request.text.strip()
+            if not text:
+                raise FieldError("text", "text is empty")
+            if len(request.text) > self._s.max_text_chars:
+                raise FieldError("text", f"text has {len(request.text)} characters; the limit is "
+                                         f"{self._s.max_text_chars}")
+            ids = self._tokenizer.encode_batch([text])
+            return (await self._encoder.encode_texts(ids))[0]
+        if kind == "image":
+            if not request.image:
+                raise FieldError("image", "image is empty: send the encoded image bytes")
+            loop = asyncio.get_running_loop()
+            (pixels,) = await loop.run_in_executor(self._decode_executor, self._preprocess, [request.image])
+            if isinstance(pixels, Exception):
+                pixels.field = "image"
+                raise pixels
+            return (await self._encoder.encode_images(pixels[None]))[0]
+        image_id = check_image_id(request.image_id)
+        rows = await self._in_store(self._store.get, [image_id], with_vectors=True)
+        if not rows:
+            raise NotFoundError(f"image {image_id} is not in the collection")
+        return np.asarray(rows[0].embedding, dtype=np.float32)
+
+    # --- IngestImages -------------------------------------------------------------------------------------------
+
+    async def IngestImages(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.IngestImagesRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.IngestImagesResponse]:
+        """Stream one IngestImagesResponse per request: INSERTED, ALREADY_PRESENT or REJECTED with a status."""
+        async for response in self._ingest.run(request_iterator):
+            yield response
+
+    # --- DeleteImages / GetImage / GetCollectionStats ---------------------------------------------------------
+
+    @rpc_errors
+    async def DeleteImages(self, request: pb.DeleteImagesRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        """Delete by ids or by filter (exactly one); returns how many stored images were deleted.
+
+        The original bytes stay in the blob store (it is shared by collections of other models).
+        """
+        if bool(request.image_ids) == bool(request.filter):
+            raise FieldError("image_ids", "set exactly one of image_ids and filter")
+        if request.image_ids:
+            if len(request.image_ids) > MILVUS_MAX_WINDOW:
+                raise FieldError("image_ids", f"at most {MILVUS_MAX_WINDOW} ids per call")
+            ids = [check_image_id(i, "image_ids") for i in request.image_ids]
+            deleted = await self._in_store(self._store.delete, ids=ids)
+        else:
+            deleted = await self._in_store(self._store.delete, filter=request.filter)
+        return pb.DeleteImagesResponse(deleted_count=deleted)
+
+    @rpc_errors
+    async def GetImage(self, request: pb.GetImageRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        """Return an image's record, original bytes and MIME type; NOT_FOUND if it is not in the collection."""
+        from retrieval_service.preprocess import image_format  # noqa: PLC0415
+
+        image_id = check_image_id(request.image_id)
+        rows = await self._in_store(self._store.get, [image_id])
+        if not rows:
+            raise NotFoundError(f"image {image_id} is not in the collection")
+        content = await self._in_store(self._blobs.get, image_id)
+        return pb.GetImageResponse(image=image_record(rows[0]), content=content, mime_type=image_format(content))
+
+    @rpc_errors
+    async def GetCollectionStats(self, request, context: grpc.aio.ServicerContext):  # noqa: N802, ANN001
+        """Return count, model id, embedding dim and index of the served collection."""
+        info = await self._in_store(self._store.describe)
+        return pb.GetCollectionStatsResponse(
+            collection=str(info["collection"]),
+            image_count=int(info["count"]),
+            model_id=self._manifest.model_id,
+            embedding_dim=int(info["dim"]),
+            index_type=str(info["index_type"]),
+            metric_type=str(info["metric_type"]),
+            index_params={k: str(v) for k, v in dict(info.get("params", {})).items()},
+            milvus_kind="lite" if self._s.milvus_is_lite else "server",
+        )
+

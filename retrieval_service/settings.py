@@ -1,0 +1,114 @@
+"""One typed settings object for the retrieval service, read once and passed down.
+
+Sources, highest priority first: explicit keyword arguments (CLI flags), environment variables
+`VITRINE_<FIELD>` (nested: `VITRINE_INDEX__INDEX_TYPE=HNSW`), a YAML file (`--config vitrine.yaml` or
+`VITRINE_CONFIG_FILE`), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from retrieval_service.vector_store import IndexSettings
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Retrieval-service configuration. Units are in the field names or descriptions."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VITRINE_", env_nested_delimiter="__", extra="forbid", protected_namespaces=()
+    )
+
+    # --- where things are -------------------------------------------------------------------------------
+    model_repository: Path = Field(
+        Path(".cache/demo/model_repository"),
+        description="Vitrine model repository (manifest.json + tokenizer.json); the one Triton serves",
+    )
+    encoder_url: str = Field("127.0.0.1:8001", description="Triton KServe v2 gRPC endpoint host:port")
+    encoder_timeout_s: float = Field(30.0, gt=0, description="deadline of one encoder call, seconds")
+    milvus_uri: str = Field(
+        "var/milvus.db",
+        description="Milvus Lite file (path ending .db) or a Milvus server URI such as http://host:19530",
+    )
+    milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token 'user:password' or API key")
+    collection: str = Field("", description="Milvus collection; empty = derived from the model id")
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    blob_dir: Path = Field(Path("var/blobs"), description="content-addressed store of original image bytes")
+
+    # --- the gRPC server -----------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="bind address of the gRPC server")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    max_message_bytes: int = Field(64 * MiB, gt=0, description="largest gRPC message accepted/sent, bytes")
+    health_interval_s: float = Field(1.0, gt=0, description="dependency health probe period, seconds")
+
+    # --- request limits ------------------------------------------------------------------------------------
+    max_image_bytes: int = Field(20 * MiB, gt=0, description="largest encoded image accepted, bytes")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="largest width*height accepted, pixels")
+    min_image_side: int = Field(1, ge=1, description="smallest width or height accepted, pixels")
+    max_text_chars: int = Field(1000, gt=0, description="longest text query accepted, characters")
+    max_top_k: int = Field(1000, ge=1, le=16384, description="largest top_k (results per page)")
+    max_filename_chars: int = Field(1024, ge=1)
+
+    # --- ingest pipeline -----------------------------------------------------------------------------------
+    ingest_batch_size: int = Field(32, ge=1, description="images per encoder call during ingest")
+    ingest_batch_wait_ms: float = Field(20.0, ge=0, description="longest wait to fill an ingest batch, ms")
+    ingest_max_inflight_batches: int = Field(
+        3, ge=1, description="ingest batches in flight per stream (decode, encode and insert overlap)"
+    )
+    decode_threads: int = Field(
+        default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, description="image decode threads"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("VITRINE_CONFIG_FILE")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | str | None = None, **overrides: Any) -> "Settings":
+        """Build settings from `overrides` (None values ignored) > env > YAML `config_file` > defaults.
+
+        Raises:
+            pydantic.ValidationError: a value is out of range or of the wrong type (the message names it).
+            FileNotFoundError: `config_file` does not exist.
+        """
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if config_file is None:
+            return cls(**given)
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"settings file {path} not found")
+
+        class _FromFile(cls):  # type: ignore[valid-type,misc]
+            @classmethod
+            def settings_customise_sources(cls, settings_cls, init_settings, env_settings, *_):  # noqa: ANN001
+                return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=path))
+
+        return _FromFile(**given)
+
+    @property
+    def milvus_is_lite(self) -> bool:
+        """True when `milvus_uri` names an embedded Milvus Lite file rather than a server."""
+        return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix:", "grpc://"))

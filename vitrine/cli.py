@@ -1,0 +1,274 @@
+"""The `vitrine` command line: export, train the demo model, serve, ingest, search, stats, delete, demo.
+
+Serving commands import neither torch nor open_clip; only `export`, `train-demo` and `demo` do (lazily).
+Run `vitrine --help` or `vitrine COMMAND --help`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+Target = Annotated[str, typer.Option("--target", "-t", help="retrieval service host:port", envvar="VITRINE_TARGET")]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _ints(csv: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in csv.split(",") if x.strip())
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated integers, got {csv!r}") from exc
+
+
+# --- model side (torch) --------------------------------------------------------------------------------------
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="open_clip model name, e.g. ViT-B-32")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="model repository folder to write")],
+    pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (needs network or cache), "
+                                                          "or 'random'")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="local open_clip checkpoint file")] = None,
+    name_prefix: Annotated[str, typer.Option(help="Triton model names: <prefix>_image, <prefix>_text")] = "clip",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16")] = "fp32",
+    max_batch_size: int = 64,
+    preferred_batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "8,16,32",
+    max_queue_delay_microseconds: int = 2000,
+    instances: Annotated[int, typer.Option(help="Triton instance_group count")] = 1,
+    gpu: Annotated[bool, typer.Option(help="KIND_GPU instances + TensorRT FP16 accelerator in config.pbtxt")] = False,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> None:
+    """Export an open_clip model's image and text towers to ONNX and write a Triton model repository."""
+    _logging(verbose)
+    from export import ExportError  # noqa: PLC0415
+    from export.onnx_export import export_repository  # noqa: PLC0415
+
+    try:
+        manifest = export_repository(
+            model, output, pretrained=pretrained, checkpoint=checkpoint, name_prefix=name_prefix,
+            precision=precision, max_batch_size=max_batch_size, preferred_batch_sizes=_ints(preferred_batch_sizes),
+            max_queue_delay_microseconds=max_queue_delay_microseconds, instance_count=instances, gpu=gpu,
+            overwrite=overwrite,
+        )
+    except ExportError as exc:
+        console.print(f"[red]export failed:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"wrote {output}: model_id={manifest.model_id} dim={manifest.embedding_dim}")
+    for tower, p in manifest.parity.items():
+        console.print(f"  parity {tower}: min cosine {p.min_cosine:.7f}, max abs diff {p.max_abs_diff:.2e}")
+
+
+@app.command("train-demo")
+def train_demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="model repository to write")] = Path(
+        ".cache/demo/model_repository"),
+    cache_dir: Annotated[Path, typer.Option(help="where the trained checkpoint is cached")] = Path(".cache"),
+    dataset: Annotated[Path, typer.Option(help="where the held-out digits are written as PNG")] = Path(
+        ".cache/demo/dataset"),
+) -> None:
+    """Train (or reuse) the offline demo CLIP on scikit-learn digits, export it, write the demo data set."""
+    _logging(False)
+    from vitrine.demo import prepare_demo  # noqa: PLC0415
+
+    prepared = prepare_demo(cache_dir, output, dataset)
+    console.print(f"model repository: {prepared.repository} ({prepared.manifest.model_id})")
+    console.print(f"data set: {prepared.dataset} ({len(prepared.items)} images)")
+
+
+# --- servers (no torch) ---------------------------------------------------------------------------------------
+
+@app.command("serve-encoder")
+def serve_encoder(
+    repository: Annotated[Path, typer.Option(help="Vitrine/Triton model repository")] = Path(
+        ".cache/demo/model_repository"),
+    host: str = "127.0.0.1",
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    ort_threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads")] = None,
+    verbose: bool = False,
+) -> None:
+    """Serve the repository's towers with Triton (KServe v2 gRPC + HTTP, Prometheus metrics) until SIGTERM."""
+    _logging(verbose)
+    from encoder_server.server import EncoderServer  # noqa: PLC0415
+
+    server = EncoderServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                           metrics_port=metrics_port, ort_threads=ort_threads)
+    server.serve_forever()
+
+
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option(help="YAML settings file")] = None,
+    repository: Annotated[Optional[Path], typer.Option(help="model repository (manifest + tokenizer)")] = None,
+    host: Optional[str] = None,
+    port: Optional[int] = None,
+    encoder_url: Annotated[Optional[str], typer.Option(help="Triton gRPC host:port")] = None,
+    milvus_uri: Annotated[Optional[str], typer.Option(help="Milvus Lite file or http://host:19530")] = None,
+    blob_dir: Optional[Path] = None,
+    index_type: Annotated[Optional[str], typer.Option(help="FLAT, IVF_FLAT or HNSW")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the gRPC retrieval service until SIGTERM (flags > VITRINE_* env > --config file > defaults)."""
+    _logging(verbose)
+    import asyncio  # noqa: PLC0415
+
+    from retrieval_service.server import serve as serve_async  # noqa: PLC0415
+    from retrieval_service.settings import Settings  # noqa: PLC0415
+
+    overrides = dict(model_repository=repository, host=host, port=port, encoder_url=encoder_url,
+                     milvus_uri=milvus_uri, blob_dir=blob_dir)
+    if index_type:
+        overrides["index"] = {"index_type": index_type}
+    settings = Settings.load(config, **overrides)
+    asyncio.run(serve_async(settings))
+
+
+@app.command()
+def up(
+    repository: Path = Path(".cache/demo/model_repository"),
+    milvus_uri: str = "var/milvus.db",
+    blob_dir: Path = Path("var/blobs"),
+) -> None:
+    """Start the encoder server and the retrieval service on the default ports for local use; Ctrl-C stops."""
+    _logging(False)
+    from vitrine.processes import Ports, local_stack  # noqa: PLC0415
+
+    with local_stack(repository, ports=Ports(), milvus_uri=milvus_uri, blob_dir=blob_dir,
+                     log_dir=Path("var/logs")) as stack:
+        console.print(f"retrieval service on {stack.target}; Triton gRPC :{stack.ports.encoder_grpc}, HTTP "
+                      f":{stack.ports.encoder_http}, metrics :{stack.ports.encoder_metrics}; logs in var/logs")
+        try:
+            while all(c.alive() for c in stack.children):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+# --- client commands ------------------------------------------------------------------------------------------
+
+@app.command()
+def ingest(
+    folder: Annotated[Path, typer.Argument(help="folder of images (recursive)")],
+    metadata: Annotated[Optional[Path], typer.Option(help="JSONL of {filename, ...}; default <folder>/"
+                                                          "metadata.jsonl")] = None,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Ingest every image under FOLDER with a progress bar; prints counts and images/s."""
+    from vitrine.ingest_folder import ingest_folder  # noqa: PLC0415
+
+    report = ingest_folder(target, folder, metadata)
+    console.print(report.summary())
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    text: Annotated[Optional[str], typer.Argument(help="text query")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="image file to search by")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k")] = 10,
+    filter: Annotated[str, typer.Option(help='Milvus expression, e.g. metadata["label"] == 3')] = "",
+    min_score: Optional[float] = None,
+    page_token: str = "",
+    as_json: Annotated[bool, typer.Option("--json", help="print the response as JSON")] = False,
+    contact_sheet: Annotated[Optional[Path], typer.Option(help="write a PNG of the results")] = None,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Search by TEXT or --image; prints rank, score, id, filename and metadata."""
+    import grpc  # noqa: PLC0415
+    from google.protobuf import json_format  # noqa: PLC0415
+
+    from vitrine.client import VitrineClient  # noqa: PLC0415
+    from vitrine.results import print_results, results_contact_sheet  # noqa: PLC0415
+
+    if (text is None) == (image is None):
+        raise typer.BadParameter("give a TEXT query or --image (one of them)")
+    query_bytes = image.read_bytes() if image else None
+    with VitrineClient(target) as client:
+        try:
+            resp = client.search(text=text, image=query_bytes, top_k=top_k, filter=filter, min_score=min_score,
+                                 page_token=page_token)
+        except grpc.RpcError as exc:
+            console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+            raise typer.Exit(2) from exc
+        if as_json:
+            print(json_format.MessageToJson(resp, ensure_ascii=False))
+        else:
+            print_results(console, text if text is not None else f"image {image}", resp)
+        if contact_sheet:
+            results_contact_sheet(client, contact_sheet, text or f"image: {image.name}", resp, query_bytes)
+            console.print(f"contact sheet: {contact_sheet}")
+
+
+@app.command()
+def stats(target: Target = DEFAULT_TARGET) -> None:
+    """Print collection statistics (count, model id, dim, index)."""
+    from google.protobuf import json_format  # noqa: PLC0415
+
+    from vitrine.client import VitrineClient  # noqa: PLC0415
+
+    with VitrineClient(target) as client:
+        print(json_format.MessageToJson(client.stats()))
+
+
+@app.command()
+def delete(
+    ids: Annotated[Optional[list[str]], typer.Option("--id", help="image id (repeatable)")] = None,
+    filter: Annotated[str, typer.Option(help="Milvus expression selecting images to delete")] = "",
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Delete images by --id (repeatable) or --filter."""
+    from vitrine.client import VitrineClient  # noqa: PLC0415
+
+    with VitrineClient(target) as client:
+        console.print(f"deleted {client.delete(image_ids=ids or [], filter=filter)} images")
+
+
+@app.command()
+def get(
+    image_id: str,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Fetch a stored image by id and write it to --output (default <id><suffix>)."""
+    from vitrine.client import VitrineClient, guess_suffix  # noqa: PLC0415
+
+    with VitrineClient(target) as client:
+        resp = client.get_image(image_id)
+    path = output or Path(image_id + guess_suffix(resp.mime_type))
+    path.write_bytes(resp.content)
+    console.print(f"{path} ({resp.mime_type}, {len(resp.content)} bytes, {resp.image.filename})")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where results, contact sheets and the demo database go")] = Path(
+        "demo_out"),
+    cache_dir: Path = Path(".cache"),
+) -> None:
+    """End to end on embedded defaults: train/export the demo model, start both servers, ingest, search."""
+    _logging(False)
+    from vitrine.demo import run_demo  # noqa: PLC0415
+
+    run_demo(out=out, cache_dir=cache_dir, console=console)
+
+
+if __name__ == "__main__":
+    app()
+

@@ -1,0 +1,142 @@
+"""A small synchronous client for `vitrine.v1.RetrievalService`, used by the CLI and the demo.
+
+It adds nothing to the API: each method is one RPC. Channels retry UNAVAILABLE for the idempotent unary calls
+through gRPC's service-config retry policy (never for the ingest stream).
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vitrine.v1 import retrieval_service_pb2 as pb
+from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+# https://github.com/grpc/grpc/blob/master/doc/service_config.md — retry only UNAVAILABLE, idempotent calls.
+_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "vitrine.v1.RetrievalService", "method": m}
+                 for m in ("SearchImages", "GetImage", "GetCollectionStats")],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]
+})
+
+
+@dataclass
+class IngestFile:
+    """One image file to ingest with its metadata (a JSON object)."""
+
+    path: Path
+    metadata: dict[str, Any]
+
+
+def image_files(folder: Path, metadata_file: Path | None = None) -> list[IngestFile]:
+    """List image files under `folder` (sorted) with metadata from a JSONL file of {"filename": ..., ...} lines.
+
+    Without `metadata_file`, `<folder>/metadata.jsonl` is used when present. Raises FileNotFoundError for a
+    missing folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    meta: dict[str, dict[str, Any]] = {}
+    metadata_file = metadata_file or (folder / "metadata.jsonl")
+    if metadata_file.is_file():
+        for line in metadata_file.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                meta[str(row.pop("filename"))] = row
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [IngestFile(p, meta.get(p.relative_to(folder).as_posix(), meta.get(p.name, {}))) for p in files]
+
+
+class VitrineClient:
+    """Blocking client over one channel to `target` ('host:port')."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.target = target
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        self.stub = pb_grpc.RetrievalServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "VitrineClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_serving(self, timeout_s: float = 60.0) -> None:
+        """Block until health reports SERVING. Raises TimeoutError after `timeout_s` seconds."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                status = self.health.Check(health_pb2.HealthCheckRequest(service="vitrine.v1.RetrievalService"),
+                                           timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as exc:
+                last = exc.code().name
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.target} not SERVING after {timeout_s:.0f} s (last: {last})")
+
+    def search(self, *, text: str | None = None, image: bytes | None = None, image_id: str | None = None,
+               top_k: int = 10, filter: str = "", min_score: float | None = None, page_token: str = "",
+               timeout_s: float = 30.0) -> pb.SearchImagesResponse:
+        """SearchImages with exactly one of text / image bytes / image_id."""
+        req = pb.SearchImagesRequest(top_k=top_k, filter=filter, page_token=page_token)
+        if text is not None:
+            req.text = text
+        elif image is not None:
+            req.image = image
+        elif image_id is not None:
+            req.image_id = image_id
+        if min_score is not None:
+            req.min_score = min_score
+        return self.stub.SearchImages(req, timeout=timeout_s)
+
+    def ingest(self, files: Iterable[IngestFile], timeout_s: float | None = None) -> Iterator[pb.IngestImagesResponse]:
+        """Stream `files` to IngestImages; yield each item's response as it arrives (index = position)."""
+
+        def requests() -> Iterator[pb.IngestImagesRequest]:
+            for i, f in enumerate(files):
+                req = pb.IngestImagesRequest(index=i, content=f.path.read_bytes(), filename=f.path.name)
+                if f.metadata:
+                    req.metadata.update(f.metadata)
+                yield req
+
+        yield from self.stub.IngestImages(requests(), timeout=timeout_s)
+
+    def delete(self, *, image_ids: list[str] | None = None, filter: str = "") -> int:
+        """DeleteImages; returns the number deleted."""
+        return self.stub.DeleteImages(pb.DeleteImagesRequest(image_ids=image_ids or [], filter=filter)).deleted_count
+
+    def get_image(self, image_id: str) -> pb.GetImageResponse:
+        return self.stub.GetImage(pb.GetImageRequest(image_id=image_id))
+
+    def stats(self) -> pb.GetCollectionStatsResponse:
+        return self.stub.GetCollectionStats(pb.GetCollectionStatsRequest())
+
+
+def guess_suffix(mime_type: str) -> str:
+    """File suffix for a MIME type ('image/png' -> '.png'); '.bin' when unknown."""
+    return mimetypes.guess_extension(mime_type) or ".bin"

@@ -1,0 +1,148 @@
+"""`vitrine demo` (`make demo`): the whole system end to end on embedded defaults, offline.
+
+1. Train the digits CLIP once (cached) and export it through the same path as any open_clip model.
+2. Write the held-out digits (never trained on) as PNG files with metadata (label, split).
+3. Start the Triton encoder server and the retrieval service as child processes (free loopback ports).
+4. Ingest the data set over gRPC with a progress bar; search by English and Chinese text (phrasings unlike any
+   training caption) and by an example image; print the top-10 with scores and precision@10; write a contact
+   sheet PNG per query; stop both servers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+from rich.console import Console
+
+from vitrine.manifest import Manifest
+
+TOP_K = 10
+
+
+@dataclass
+class PreparedDemo:
+    """The demo model repository and data set, ready to serve."""
+
+    repository: Path
+    manifest: Manifest
+    dataset: Path
+    items: list  # export.demo.data.DemoItem
+
+
+def prepare_demo(cache_dir: Path, repository: Path, dataset: Path, *, console: Console | None = None) -> PreparedDemo:
+    """Train (cached) and export (cached by checkpoint) the demo model; write the held-out data set.
+
+    The export is redone only when `repository`'s manifest names another checkpoint. Needs torch/open_clip.
+    """
+    from export.demo import MODEL_NAME  # noqa: PLC0415
+    from export.demo.data import write_dataset  # noqa: PLC0415
+    from export.demo.train import ensure_checkpoint  # noqa: PLC0415
+    from export.onnx_export import export_repository  # noqa: PLC0415
+
+    say = console.print if console else print
+    t0 = time.perf_counter()
+    checkpoint = ensure_checkpoint(cache_dir)
+    say(f"demo model checkpoint: {checkpoint} ({time.perf_counter() - t0:.1f} s)")
+    manifest = None
+    try:
+        manifest = Manifest.read(repository)
+    except (FileNotFoundError, ValueError):
+        pass
+    if manifest is None or manifest.pretrained != f"file:{checkpoint.name}":
+        t0 = time.perf_counter()
+        manifest = export_repository(MODEL_NAME, repository, checkpoint=checkpoint, overwrite=True)
+        say(f"exported {manifest.model_id} to {repository} in {time.perf_counter() - t0:.1f} s")
+    else:
+        say(f"model repository up to date: {repository} ({manifest.model_id})")
+    for tower, p in manifest.parity.items():
+        say(f"  ONNX parity {tower}: min cosine {p.min_cosine:.7f}, max abs diff {p.max_abs_diff:.2e}")
+    items = write_dataset(dataset, split="heldout")
+    return PreparedDemo(repository, manifest, dataset, items)
+
+
+def demo_queries() -> list[tuple[str, int, str]]:
+    """(language, digit, text) for the demo's text queries: evaluation phrasings, never used in training."""
+    from export.demo.captions import EVALUATION_TEMPLATES  # noqa: PLC0415
+
+    en = [t for t in EVALUATION_TEMPLATES if t.language == "en"][:2]
+    zh = [t for t in EVALUATION_TEMPLATES if t.language == "zh"][:2]
+    return [("en", 7, en[0].format(7)), ("en", 3, en[1].format(3)),
+            ("zh", 7, zh[0].format(7)), ("zh", 2, zh[1].format(2))]
+
+
+def example_query_image(index: int = 0):  # noqa: ANN201
+    """A digit from the train split (so not in the ingested held-out set) as PNG bytes: (DemoItem, bytes)."""
+    import io  # noqa: PLC0415
+
+    from export.demo.data import load_split, render_item  # noqa: PLC0415
+
+    item = load_split("train")[index]
+    buf = io.BytesIO()
+    render_item(item).save(buf, format="PNG")
+    return item, buf.getvalue()
+
+
+def precision_at_k(labels: list[int], wanted: int, k: int = TOP_K) -> float:
+    """Fraction of the first `k` result labels equal to `wanted` (precision@k; missing results count as misses)."""
+    return sum(1 for label in labels[:k] if label == wanted) / k
+
+
+def run_demo(*, out: Path, cache_dir: Path, console: Console) -> dict:
+    """Run the demo (see module docstring); returns the numbers it printed and writes them to out/summary.json."""
+    from vitrine.client import VitrineClient  # noqa: PLC0415
+    from vitrine.ingest_folder import ingest_folder  # noqa: PLC0415
+    from vitrine.processes import Ports, local_stack  # noqa: PLC0415
+    from vitrine.results import metadata_dict, print_results, results_contact_sheet  # noqa: PLC0415
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_demo(cache_dir, cache_dir / "demo" / "model_repository", cache_dir / "demo" / "dataset",
+                            console=console)
+    ports = Ports.free()
+    console.print(f"starting Triton encoder (gRPC :{ports.encoder_grpc}, HTTP :{ports.encoder_http}) and the "
+                  f"retrieval service (:{ports.service}); Milvus Lite at {out / 'milvus.db'}")
+    summary: dict = {"model_id": prepared.manifest.model_id, "queries": []}
+    with local_stack(prepared.repository, ports=ports, milvus_uri=str(out / "milvus.db"), blob_dir=out / "blobs",
+                     log_dir=out / "logs") as stack:
+        report = ingest_folder(stack.target, prepared.dataset)
+        console.print(report.summary())
+        summary["ingest"] = {"images": report.total, "seconds": report.seconds,
+                             "images_per_s": report.images_per_s,
+                             "outcomes": {str(k): v for k, v in report.outcomes.items()}}
+        with VitrineClient(stack.target) as client:
+            stats = client.stats()
+            console.print(f"collection {stats.collection}: {stats.image_count} images, dim {stats.embedding_dim}, "
+                          f"{stats.index_type}/{stats.metric_type}")
+            query_item, query_image = example_query_image()
+            queries = [(lang, digit, text, None) for lang, digit, text in demo_queries()]
+            queries.append(("image", query_item.label, f"image of a training-split {query_item.label} "
+                                                       f"(not in the collection)", query_image))
+            for i, (lang, digit, text, image) in enumerate(queries):
+                resp = client.search(text=None if image else text, image=image, top_k=TOP_K)
+                labels = [metadata_dict(r.image).get("label") for r in resp.results]
+                p10 = precision_at_k(labels, digit)
+                print_results(console, text, resp)
+                console.print(f"precision@10 for digit {digit}: {p10:.2f}")
+                sheet = results_contact_sheet(client, out / f"query_{i}_{lang}.png", f"{text}  (digit {digit})",
+                                              resp, image)
+                summary["queries"].append({"language": lang, "digit": digit, "query": text,
+                                           "precision_at_10": p10, "contact_sheet": str(sheet),
+                                           "top10": [{"score": r.score, "label": l, "filename": r.image.filename}
+                                                     for r, l in zip(resp.results, labels)]})
+            latencies = []
+            for _ in range(3):
+                for _, _, text, _ in queries[:-1]:
+                    t0 = time.perf_counter()
+                    client.search(text=text, top_k=TOP_K)
+                    latencies.append((time.perf_counter() - t0) * 1e3)
+            summary["search_p50_ms"] = median(latencies)
+            console.print(f"search latency over gRPC (text, top_k 10): p50 {summary['search_p50_ms']:.1f} ms "
+                          f"over {len(latencies)} queries")
+    summary["wall_s"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    console.print(f"contact sheets and summary.json in {out}/; servers stopped. Demo took {summary['wall_s']:.1f} s")
+    return summary
