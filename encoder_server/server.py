@@ -455,10 +455,17 @@ class EncoderServer:
         with self._lock:
             self._shutdown()
 
-    def serve_forever(self, poll_interval_s: float = 1.0) -> None:
+    def serve_forever(
+        self, poll_interval_s: float = 1.0, on_ready: Callable[[EncoderServer], None] | None = None
+    ) -> None:
         """Start (if needed) and serve until SIGINT/SIGTERM, then stop cleanly.
 
-        Must be called from the main thread (signal handlers). Returns after the clean stop.
+        The signal handlers are installed before starting, so a signal during startup also stops
+        cleanly. Must be called from the main thread. Returns after the clean stop.
+
+        Args:
+            poll_interval_s: how often to check that tritonserver and the models are alive, seconds.
+            on_ready: called once with this server when every model is ready.
 
         Raises:
             RuntimeError: tritonserver or a model died while serving.
@@ -473,6 +480,8 @@ class EncoderServer:
         try:
             if self._triton is None:
                 self.start()
+            if on_ready is not None:
+                on_ready(self)
             while not stop_requested.wait(poll_interval_s):
                 if not self.is_running():
                     raise RuntimeError("tritonserver or a bound model stopped unexpectedly")

@@ -97,7 +97,10 @@ def clip_bpe_tokenizer(open_clip_tokenizer: Any, context_length: int) -> Tokeniz
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.BPEDecoder(suffix="</w>")])
+    # Decoding (not used for serving): "</w>" -> byte-level space "Ġ", bytes -> text, drop the last space.
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("</w>", "\u0120"), decoders.ByteLevel(), decoders.Strip(" ", 0, 1)]
+    )
     # normalized=True: open_clip's regex finds special tokens in the cleaned (lowercased) text too.
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=True) for t in special_tokens])
     sot, eot = special_tokens[0], special_tokens[1]

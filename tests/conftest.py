@@ -19,3 +19,26 @@ CACHE_DIR = Path(os.environ.get("VITRINE_CACHE_DIR", ROOT / ".cache"))
 def cache_dir() -> Path:
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     return CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def demo(cache_dir):
+    """The trained demo model exported to a model repository, and the held-out digits written as PNG files.
+
+    Training (~2-3 min on 2 cores) happens once; the checkpoint and the export are reused from `cache_dir`.
+    """
+    from vitrine.demo import prepare_demo
+
+    return prepare_demo(cache_dir, cache_dir / "test" / "model_repository", cache_dir / "test" / "dataset")
+
+
+@pytest.fixture(scope="session")
+def encoder_server(demo):
+    """A real Triton (PyTriton) encoder server over the demo repository on free loopback ports."""
+    from encoder_server.server import EncoderServer
+    from vitrine.processes import free_port
+
+    server = EncoderServer(demo.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server.start()
+    yield server
+    server.stop()
