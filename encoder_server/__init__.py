@@ -4,6 +4,6 @@
 behind Triton's KServe v2 gRPC/HTTP endpoints; `python -m encoder_server --repository DIR` runs it.
 """
 
-from encoder_server.server import EncoderServer, ModelRepositoryError, read_model_config
+from encoder_server.server import EncoderServer, ModelRepositoryError
 
-__all__ = ["EncoderServer", "ModelRepositoryError", "read_model_config"]
+__all__ = ["EncoderServer", "ModelRepositoryError"]

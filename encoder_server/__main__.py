@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line options (ports, bind host, ORT threads/providers, log level)."""
     parser = argparse.ArgumentParser(prog="python -m encoder_server", description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, required=True, help="Vitrine/Triton model repository")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address of all endpoints (default loopback)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address of all endpoints")
     parser.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
-    parser.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime intra-op threads per session")
+    parser.add_argument("--ort-threads", type=int, default=None, help="ORT intra-op threads per session")
     parser.add_argument(
         "--providers",
         default=None,
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the encoder server until SIGINT/SIGTERM; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     server = EncoderServer(
         args.repository,
         http_port=args.http_port,

@@ -236,8 +236,10 @@ def runtime_options_from_config(
     gpu = not groups or any(g.kind != model_config_pb2.ModelInstanceGroup.KIND_CPU for g in groups)
     device_id = next((g.gpus[0] for g in groups if g.gpus), 0)
 
+    if intra_op_threads is None:
+        intra_op_threads = _int_parameter("intra_op_thread_count")
     return RuntimeOptions(
-        intra_op_threads=intra_op_threads if intra_op_threads is not None else _int_parameter("intra_op_thread_count"),
+        intra_op_threads=intra_op_threads,
         inter_op_threads=_int_parameter("inter_op_thread_count"),
         graph_optimization_level=_TRITON_GRAPH_LEVELS[level],
         fp16=fp16,

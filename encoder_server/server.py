@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from google.protobuf import text_format
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
 from pytriton.model_config.common import TimeoutAction
@@ -38,6 +37,7 @@ from tritonclient.grpc import InferenceServerClient, model_config_pb2
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from encoder_server.runtime import create_session, runtime_options_from_config
+from export.triton_config import read_model_config  # torch-free: config.pbtxt <-> ModelConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,16 +48,6 @@ WARMUP_DIR = "warmup"  # Triton: model_warmup input_data_file is relative to <mo
 
 class ModelRepositoryError(ValueError):
     """The model repository (or one model's config.pbtxt / model.onnx) cannot be served as it is."""
-
-
-def read_model_config(path: Path | str) -> model_config_pb2.ModelConfig:
-    """Parse a Triton `config.pbtxt` (protobuf text format) into a `ModelConfig` message.
-
-    Raises:
-        FileNotFoundError: no such file.
-        google.protobuf.text_format.ParseError: the file is not a valid ModelConfig in text format.
-    """
-    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
 
 
 def numpy_dtype(data_type: int) -> np.dtype:
@@ -111,6 +101,7 @@ def discover_models(repository: Path) -> list[tuple[Path, model_config_pb2.Model
     """List `(model_dir, config)` for every directory of `repository` that holds a config.pbtxt, by name.
 
     Raises:
+        ValueError: a config.pbtxt is not a valid ModelConfig (from `export.triton_config.read_model_config`).
         ModelRepositoryError: `repository` is not a directory, holds no model, a config's `name`
             differs from its directory name (Triton requires them equal), or a model does not batch
             (max_batch_size 0).
@@ -143,7 +134,9 @@ def discover_models(repository: Path) -> list[tuple[Path, model_config_pb2.Model
 
 def _latest_version(model_dir: Path, filename: str) -> tuple[int, Path]:
     versions = sorted(
-        (int(p.name), p / filename) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()
+        (int(p.name), p / filename)
+        for p in model_dir.iterdir()
+        if p.name.isdigit() and (p / filename).is_file()
     )
     if not versions:
         raise ModelRepositoryError(f"{model_dir}: no <version>/{filename} (e.g. {model_dir}/1/{filename})")
@@ -248,6 +241,11 @@ def _make_infer_callable(
     return infer
 
 
+def _tensor(spec: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> Tensor:
+    """PyTriton tensor spec of a config input/output (dims without the batch dimension)."""
+    return Tensor(name=spec.name, dtype=numpy_dtype(spec.data_type), shape=tuple(spec.dims))
+
+
 def _dynamic_batcher(config: model_config_pb2.ModelConfig) -> DynamicBatcher | None:
     if not config.HasField("dynamic_batching"):
         return None
@@ -256,7 +254,9 @@ def _dynamic_batcher(config: model_config_pb2.ModelConfig) -> DynamicBatcher | N
     if db.HasField("default_queue_policy"):
         qp = db.default_queue_policy
         policy = QueuePolicy(
-            timeout_action=TimeoutAction(model_config_pb2.ModelQueuePolicy.TimeoutAction.Name(qp.timeout_action)),
+            timeout_action=TimeoutAction(
+                model_config_pb2.ModelQueuePolicy.TimeoutAction.Name(qp.timeout_action)
+            ),
             default_timeout_microseconds=qp.default_timeout_microseconds,
             allow_timeout_override=qp.allow_timeout_override,
             max_queue_size=qp.max_queue_size,
@@ -320,7 +320,8 @@ class EncoderServer:
             ...  # Triton answers on 127.0.0.1:8000 (HTTP), :8001 (gRPC), :8002 (metrics)
 
     Args:
-        repository: the model repository (`<repo>/<model>/config.pbtxt`, `<repo>/<model>/<version>/model.onnx`).
+        repository: the model repository (`<repo>/<model>/config.pbtxt`,
+            `<repo>/<model>/<version>/model.onnx`).
         http_port, grpc_port, metrics_port: Triton's KServe v2 HTTP, gRPC and Prometheus metrics ports.
         host: bind address of all three endpoints (default loopback only).
         ort_threads: ONNX Runtime intra-op threads per session; None -> the config's
@@ -406,13 +407,17 @@ class EncoderServer:
     def start(self) -> EncoderServer:
         """Load every model, run its warmup, start Triton; return once all models are ready.
 
+        Prefer calling it from a thread that lives as long as the server (normally the main thread):
+        PyTriton spawns tritonserver with PR_SET_PDEATHSIG, which per prctl(2) fires when the spawning
+        *thread* exits.
+
         Returns:
             self.
 
         Raises:
             ModelRepositoryError: the repository or a model in it cannot be served.
-            RuntimeError: already started, or tritonserver did not report every model ready within
-                `startup_timeout_s`.
+            RuntimeError: already started, tritonserver failed to load a model, or it did not report
+                every model ready within `startup_timeout_s`.
         """
         with self._lock:
             if self._triton is not None:
@@ -504,7 +509,9 @@ class EncoderServer:
         for model_dir, config in discover_models(self.repository):
             filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
             version, model_path = _latest_version(model_dir, filename)
-            options = runtime_options_from_config(config, intra_op_threads=self.ort_threads, providers=self.providers)
+            options = runtime_options_from_config(
+                config, intra_op_threads=self.ort_threads, providers=self.providers
+            )
             sessions = [create_session(model_path, options) for _ in range(_instance_count(config))]
             _check_signature(config.name, config, sessions[0])
             served = ServedModel(config.name, version, config, model_path, sessions)
@@ -528,12 +535,8 @@ class EncoderServer:
         self._triton = triton
         for served in self.models.values():
             config = served.config
-            inputs = [
-                Tensor(name=t.name, dtype=numpy_dtype(t.data_type), shape=tuple(t.dims)) for t in config.input
-            ]
-            outputs = [
-                Tensor(name=t.name, dtype=numpy_dtype(t.data_type), shape=tuple(t.dims)) for t in config.output
-            ]
+            inputs = [_tensor(t) for t in config.input]
+            outputs = [_tensor(t) for t in config.output]
             input_names = [t.name for t in config.input]
             output_names = [t.name for t in config.output]
             triton.bind(
@@ -549,8 +552,11 @@ class EncoderServer:
                 ),
                 strict=True,
             )
-        with _python_libdir_first():
-            triton.run()
+        try:
+            with _python_libdir_first():
+                triton.run()
+        except InferenceServerException as exc:
+            raise RuntimeError(f"tritonserver could not load the models of {self.repository}: {exc}") from exc
 
     def _wait_until_ready(self) -> None:
         """Poll Triton over gRPC until the server and every model report ready (strict readiness)."""

@@ -131,8 +131,8 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
 def _check_model_name(model_name: str) -> None:
     if ":" in model_name:
         raise ExportError(
-            f"model name {model_name!r}: 'hf-hub:' / 'local-dir:' schemas are not supported; pass an open_clip "
-            "model name (e.g. ViT-B-32) and --checkpoint PATH for local weights"
+            f"model name {model_name!r}: 'hf-hub:' / 'local-dir:' schemas are not supported; pass an "
+            "open_clip model name (e.g. ViT-B-32) and --checkpoint PATH for local weights"
         )
     if model_name not in open_clip.list_models():
         raise ExportError(
@@ -163,7 +163,8 @@ def load_open_clip(
         ExportError: unknown model name or tag, both `pretrained` and `checkpoint` given, the
             checkpoint is missing or does not fit the model, the tag's weights cannot be
             downloaded (message names --checkpoint and the HF hub cache), or the tokenizer kind
-            is unavailable here.
+            is unavailable here. Offline, a tag download first retries for about a minute unless
+            HF_HUB_OFFLINE=1 is set.
     """
     register_demo_configs()
     _check_model_name(model_name)
@@ -173,7 +174,9 @@ def load_open_clip(
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
-            raise ExportError(f"checkpoint {path} not found (expected an open_clip checkpoint or state_dict file)")
+            raise ExportError(
+                f"checkpoint {path} not found (expected an open_clip checkpoint or state_dict file)"
+            )
         label = f"file:{path.name}"
         try:
             model = open_clip.create_model(model_name, pretrained=str(path))
@@ -196,9 +199,9 @@ def load_open_clip(
         except RuntimeError as exc:
             raise ExportError(
                 f"could not get the weights of {model_name} pretrained={pretrained!r} (no network and not in "
-                f"the HF hub cache?): {exc}. Either pass --checkpoint PATH to a local open_clip checkpoint "
-                f"or state_dict file, or put the weights into the HF hub cache (HF_HUB_CACHE / HF_HOME) "
-                f"on a machine with network, e.g. `hf download {hub_repo or '<repo>'}`"
+                f"the HF hub cache?): {str(exc).rstrip('.')}. Either pass --checkpoint PATH to a local "
+                "open_clip checkpoint or state_dict file, or put the weights into the HF hub cache "
+                f"(HF_HUB_CACHE / HF_HOME) on a machine with network, e.g. `hf download {hub_repo or '<repo>'}`"
             ) from exc
         label = pretrained
 
@@ -206,7 +209,9 @@ def load_open_clip(
     try:
         tokenizer = open_clip.get_tokenizer(model_name)
     except ImportError as exc:
-        raise ExportError(f"the tokenizer of {model_name} needs a package that is not installed: {exc}") from exc
+        raise ExportError(
+            f"the tokenizer of {model_name} needs a package that is not installed: {exc}"
+        ) from exc
     context_length = int(tokenizer.context_length)
     model_ctx = getattr(model, "context_length", None)
     if model_ctx is not None and int(model_ctx) != context_length:

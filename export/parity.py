@@ -11,6 +11,7 @@ Images: scikit-learn's `load_sample_images()` photographs (china.jpg, flower.jpg
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from vitrine.manifest import TowerParity
 
 log = logging.getLogger(__name__)
 
-# min cosine(ONNX, PyTorch) per row the export must reach, by precision
+# min cosine(ONNX, PyTorch) per row the export must reach, by precision (Vitrine project requirement)
 PARITY_THRESHOLDS: dict[str, float] = {"fp32": 0.99999, "fp16": 0.999}
 
 PARITY_TEXTS: tuple[str, ...] = (
@@ -41,18 +42,30 @@ PARITY_TEXTS: tuple[str, ...] = (
 )
 
 
-def sample_images(num_digits: int = 6) -> list[Image.Image]:
-    """Real pictures for the gate: 2 sklearn sample photos (RGB 427x640) + `num_digits` digit scans (L 8x8)."""
+@functools.lru_cache(maxsize=1)
+def _sklearn_pictures() -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """(sklearn photos uint8 [427, 640, 3], digit scans uint8 [N, 8, 8] scaled from 0..16 to 0..255)."""
     from sklearn.datasets import load_digits, load_sample_images
 
-    photos = [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in load_sample_images().images]
-    digits = load_digits().images[:num_digits]  # float 0..16
-    scans = [Image.fromarray(np.round(d * (255.0 / 16.0)).astype(np.uint8), mode="L") for d in digits]
-    return photos + scans
+    photos = tuple(np.asarray(a, dtype=np.uint8) for a in load_sample_images().images)
+    scans = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    return photos, scans
 
 
-def split_eval_transform(transform: Compose) -> tuple[Callable[[Image.Image], Image.Image], Callable[[Any], torch.Tensor]]:
-    """Split open_clip's eval Compose at ToTensor (open_clip's MaybeToTensor subclasses it): (PIL -> resized/cropped RGB PIL, PIL -> float tensor).
+def sample_images(num_digits: int = 6) -> list[Image.Image]:
+    """Real pictures for the gate: 2 sklearn photos (RGB 427x640) + `num_digits` digit scans (L 8x8)."""
+    photos, scans = _sklearn_pictures()
+    # 2-D uint8 arrays become mode "L" images, as a scanned gray picture would load.
+    return [Image.fromarray(p) for p in photos] + [Image.fromarray(d) for d in scans[:num_digits]]
+
+
+def split_eval_transform(
+    transform: Compose,
+) -> tuple[Callable[[Image.Image], Image.Image], Callable[[Any], torch.Tensor]]:
+    """Split open_clip's eval Compose at ToTensor (open_clip's MaybeToTensor subclasses it).
+
+    Returns:
+        (PIL -> resized/cropped RGB PIL, PIL -> float32 [3, H, W] normalized tensor).
 
     Raises:
         ExportError: the transform has no ToTensor step.

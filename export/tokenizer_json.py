@@ -38,6 +38,7 @@ from export import ExportError
 # tokens here). open_clip compiles it with re.IGNORECASE, which only matters for the contractions.
 CLIP_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CLIP_PAD_ID = 0  # open_clip pads its result tensor with zeros
+_CANONICALIZE = "open_clip clean='canonicalize' (punctuation removal) is not supported by the exporter"
 
 
 def clean_mode(open_clip_tokenizer: Any) -> str:
@@ -49,9 +50,15 @@ def clean_mode(open_clip_tokenizer: Any) -> str:
     from open_clip import tokenizer as oct
 
     fn = getattr(open_clip_tokenizer, "clean_fn", None)
-    modes = {oct._clean_lower: "lower", oct._clean_whitespace: "whitespace", oct._clean_canonicalize: "canonicalize"}
+    modes = {
+        oct._clean_lower: "lower",
+        oct._clean_whitespace: "whitespace",
+        oct._clean_canonicalize: "canonicalize",
+    }
     if fn not in modes:
-        raise ExportError(f"unknown open_clip text clean function {fn!r} on {type(open_clip_tokenizer).__name__}")
+        raise ExportError(
+            f"unknown open_clip text clean function {fn!r} on {type(open_clip_tokenizer).__name__}"
+        )
     return modes[fn]
 
 
@@ -68,10 +75,12 @@ def clip_bpe_tokenizer(open_clip_tokenizer: Any, context_length: int) -> Tokeniz
     """
     tok = open_clip_tokenizer
     if getattr(tok, "reduction_fn", None) is not None:
-        raise ExportError("open_clip tokenizer with a reduction_mask (token dropping) cannot be exported exactly")
+        raise ExportError(
+            "open_clip tokenizer with a reduction_mask (token dropping) cannot be exported exactly"
+        )
     mode = clean_mode(tok)
     if mode == "canonicalize":
-        raise ExportError("open_clip clean='canonicalize' (punctuation removal) is not supported by the exporter")
+        raise ExportError(_CANONICALIZE)
 
     vocab: dict[str, int] = dict(tok.encoder)
     merges = [pair for pair, _ in sorted(tok.bpe_ranks.items(), key=lambda item: item[1])]
@@ -128,10 +137,12 @@ def hf_tokenizer(open_clip_tokenizer: Any, context_length: int) -> Tokenizer:
         raise ExportError("open_clip HFTokenizer with strip_sep_token=True is not supported")
     mode = clean_mode(tok)
     if mode == "canonicalize":
-        raise ExportError("open_clip clean='canonicalize' (punctuation removal) is not supported by the exporter")
+        raise ExportError(_CANONICALIZE)
     backend = getattr(tok.tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ExportError(f"{type(tok.tokenizer).__name__} is not a fast tokenizer; no tokenizer.json exists for it")
+        raise ExportError(
+            f"{type(tok.tokenizer).__name__} is not a fast tokenizer; no tokenizer.json exists for it"
+        )
     tokenizer = Tokenizer.from_str(backend.to_str())
     if mode == "lower":
         # Marks clean='lower' for the serving side (see module docstring); idempotent after str.lower.

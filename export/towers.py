@@ -28,8 +28,9 @@ class ImageTower(torch.nn.Module):
         super().__init__()
         self.model = model
         self.compute_dtype = next(model.parameters()).dtype
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3), persistent=False)
+        channel = (1, 1, 1, 3)  # broadcasts over NHWC
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(channel), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(channel), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.to(torch.float32) / 255.0

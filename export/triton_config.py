@@ -105,7 +105,8 @@ def build_model_config(
                 mc.ModelWarmup.Input(data_type=spec.data_type_enum(), dims=list(spec.dims), zero_data=True)
             )
     if gpu:
-        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        accelerator = accelerators.add(name="tensorrt")
         accelerator.parameters["precision_mode"] = "FP16"
         accelerator.parameters["max_workspace_size_bytes"] = str(int(tensorrt_workspace_bytes))
     return config

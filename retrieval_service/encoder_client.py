@@ -4,8 +4,8 @@
 L2-normalized float32 [B, D] embeddings by calling the image and text towers named in the model
 repository's manifest. It validates shapes/dtypes against the manifest before sending, splits batches
 larger than the server's `max_batch_size` into chunks sent concurrently (Triton's dynamic batcher merges
-them again as it sees fit), checks on first use that the server's model configs match the manifest,
-and maps a down/unreachable server to `DependencyUnavailableError('encoder')`.
+them again as it sees fit), checks on first use (and again after an outage) that the server's model
+configs match the manifest, and maps a down/unreachable server to `DependencyUnavailableError('encoder')`.
 
 This module imports neither torch nor open_clip.
 """
@@ -32,8 +32,10 @@ DEFAULT_URL = "127.0.0.1:8001"
 # gRPC status codes (as tritonclient spells them) that mean "the encoder is not reachable or not
 # serving right now"; a caller may retry later. Anything else is a bug or a misconfiguration.
 _UNAVAILABLE_CODES = frozenset(
-    {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", "StatusCode.RESOURCE_EXHAUSTED"}
+    {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
 )
+# During inference a model that passed the first-use check can vanish (server stopping, model unloaded).
+_NOT_FOUND = "StatusCode.NOT_FOUND"
 
 
 class EncoderError(RuntimeError):
@@ -148,6 +150,7 @@ class EncoderClient:
             client = self._get_client()
             for tower in (self._image, self._text):
                 if not await client.is_model_ready(tower.model, client_timeout=self.timeout_s):
+                    self._checked.clear()
                     return False
             await self._ensure_checked(self._image)
             await self._ensure_checked(self._text)
@@ -157,6 +160,7 @@ class EncoderClient:
             return False
         except (InferenceServerException, DependencyUnavailableError, EncoderError) as exc:
             log.debug("encoder at %s not ready: %s", self.url, exc)
+            self._checked.clear()
             return False
 
     async def model_statistics(self, name: str) -> service_pb2.ModelStatistics:
@@ -198,11 +202,16 @@ class EncoderClient:
             self._client = InferenceServerClient(self.url)
         return self._client
 
-    def _translate(self, exc: InferenceServerException, what: str) -> Exception:
-        """Map a tritonclient error to DependencyUnavailableError (down/unreachable) or EncoderError."""
-        if exc.status() in _UNAVAILABLE_CODES:
+    def _translate(
+        self, exc: InferenceServerException, what: str, *, gone_is_down: bool = False
+    ) -> Exception:
+        """Map a tritonclient error to DependencyUnavailableError (down/unreachable) or EncoderError.
+
+        `gone_is_down`: NOT_FOUND (unknown model) also means unavailable, for models already checked.
+        """
+        if exc.status() in _UNAVAILABLE_CODES or (gone_is_down and exc.status() == _NOT_FOUND):
             return DependencyUnavailableError(
-                f"encoder at {self.url} unavailable during {what} ({_describe_error(exc)})"
+                DEPENDENCY, f"Triton at {self.url} failed {what} ({_describe_error(exc)})"
             )
         return EncoderError(f"encoder at {self.url} failed during {what} ({_describe_error(exc)})")
 
@@ -237,7 +246,10 @@ class EncoderClient:
         client = self._get_client()
         try:
             if not await client.is_model_ready(tower.model, client_timeout=self.timeout_s):
-                raise DependencyUnavailableError(f"encoder at {self.url}: model {tower.model!r} is not ready")
+                raise DependencyUnavailableError(
+                    DEPENDENCY,
+                    f"Triton at {self.url}: model {tower.model!r} is not ready (unknown or still loading)",
+                )
             config: model_config_pb2.ModelConfig = (
                 await client.get_model_config(tower.model, client_timeout=self.timeout_s)
             ).config
@@ -255,10 +267,13 @@ class EncoderClient:
         else:
             dtype = model_config_pb2.DataType.Name(served_in.data_type)
             if dtype != f"TYPE_{tower.triton_dtype}":
-                problems.append(f"input {tower.input_name!r} is {dtype}, manifest implies TYPE_{tower.triton_dtype}")
+                problems.append(
+                    f"input {tower.input_name!r} is {dtype}, manifest implies TYPE_{tower.triton_dtype}"
+                )
             if not _dims_match(served_in.dims, tower.input_shape):
                 problems.append(
-                    f"input {tower.input_name!r} dims {list(served_in.dims)}, manifest implies {list(tower.input_shape)}"
+                    f"input {tower.input_name!r} dims {list(served_in.dims)}, "
+                    f"manifest implies {list(tower.input_shape)}"
                 )
         served_out = outputs.get(tower.output_name)
         if served_out is None:
@@ -274,7 +289,8 @@ class EncoderClient:
                 )
         if problems:
             raise EncoderMismatchError(
-                f"Triton model {tower.model!r} at {self.url} does not match manifest {self.manifest.model_id}: "
+                f"Triton model {tower.model!r} at {self.url} does not match manifest "
+                f"{self.manifest.model_id}: "
                 + "; ".join(problems)
             )
         return dataclasses.replace(tower, max_batch_size=int(config.max_batch_size))
@@ -286,7 +302,11 @@ class EncoderClient:
         confirmed = await self._ensure_checked(tower)
         step = confirmed.max_batch_size
         chunks = [array[i : i + step] for i in range(0, array.shape[0], step)]
-        results = await asyncio.gather(*(self._infer(confirmed, chunk) for chunk in chunks))
+        try:
+            results = await asyncio.gather(*(self._infer(confirmed, chunk) for chunk in chunks))
+        except DependencyUnavailableError:
+            self._checked.clear()  # the server may come back with other models: check them again
+            raise
         return results[0] if len(results) == 1 else np.concatenate(results, axis=0)
 
     async def _infer(self, tower: _Tower, chunk: np.ndarray) -> np.ndarray:
@@ -300,7 +320,7 @@ class EncoderClient:
                 client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:
-            raise self._translate(exc, f"inference on {tower.model!r}") from exc
+            raise self._translate(exc, f"inference on {tower.model!r}", gone_is_down=True) from exc
         embedding = result.as_numpy(tower.output_name)
         expected = (chunk.shape[0], self.manifest.embedding_dim)
         if embedding is None or embedding.dtype != np.float32 or embedding.shape != expected:

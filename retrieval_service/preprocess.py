@@ -32,9 +32,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from retrieval_service.errors import ImageRejectedError
 from vitrine.manifest import ImageTower
 
-#: Formats Pillow may open. Excludes formats whose plugins shell out (EPS -> Ghostscript) or are rarely
-#: legitimate uploads. MPO is the multi-picture JPEG many phone cameras write.
-DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+#: Formats Pillow may open (names of `PIL.Image.OPEN`). Excludes formats whose plugins shell out
+#: (EPS -> Ghostscript) or are rarely legitimate uploads. 'JPEG' also opens MPO (multi-picture JPEG from
+#: phone cameras) files.
+DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -74,6 +75,10 @@ class ImageLimits:
             raise ValueError(f"ImageLimits values must be >= 1, got {self}")
         if not self.formats:
             raise ValueError("ImageLimits.formats must name at least one Pillow format")
+        Image.init()
+        unknown = [f for f in self.formats if f.upper() not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"ImageLimits.formats: Pillow cannot open {unknown}; known: {sorted(Image.OPEN)}")
 
 
 def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = False) -> Image.Image:
@@ -237,7 +242,7 @@ def to_model_input(image: Image.Image, spec: ImageTower) -> np.ndarray:
         image = _resize(image, _shortest_edge_size(height, width, target[0]), resample)
     else:
         image = _resize(image, _keep_ratio_size(height, width, target, 0.0), Image.Resampling.BICUBIC)
-    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = np.array(image, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
     pixels = _center_crop_or_pad(pixels, target)
     return np.ascontiguousarray(pixels)
 

@@ -59,7 +59,9 @@ class TextTokenizer:
     def __init__(self, tokenizer_json_path: Path | str, context_length: int, pad_id: int = 0) -> None:
         path = Path(tokenizer_json_path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} not found (export the model with `vitrine export`)")
+            raise FileNotFoundError(
+                f"tokenizer file {path} not found (export the model with `vitrine export`)"
+            )
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (room for <sot> and <eot>), got {context_length}")
         raw = path.read_text(encoding="utf-8")
@@ -116,7 +118,8 @@ class TextTokenizer:
             return np.zeros((0, self.context_length), dtype=np.int64)
         encodings = self._tokenizer.encode_batch(cleaned)
         ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-        if ids.shape != (len(cleaned), self.context_length):  # guards a tokenizer.json with a wrong post-processor
+        # guards against a tokenizer.json whose post-processor or padding does not fit the manifest
+        if ids.shape != (len(cleaned), self.context_length):
             raise ValueError(f"tokenizer {self.path} produced shape {ids.shape}, expected "
                              f"({len(cleaned)}, {self.context_length})")
         return ids

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,7 +14,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from encoder_server.server import EncoderServer
 from retrieval_service.server import create_server
 from retrieval_service.settings import Settings
 from vitrine.processes import free_port, spawn
@@ -51,8 +52,7 @@ async def test_health_follows_the_encoder(demo, tmp_path):
                         health_interval_s=0.2, encoder_timeout_s=5)
     server = create_server(settings)
     await server.start()
-    encoder = EncoderServer(demo.repository, grpc_port=encoder_port, http_port=free_port(),
-                            metrics_port=free_port())
+    encoder = None
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.RetrievalServiceStub(channel)
@@ -68,14 +68,18 @@ async def test_health_follows_the_encoder(demo, tmp_path):
             assert resp.outcome == pb.IngestImagesResponse.REJECTED
             assert resp.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
 
-            await asyncio.to_thread(encoder.start)
-            await wait_status(server.port, SERVING)
+            # the encoder in its own process, as in production: started late, killed later
+            encoder = spawn("encoder", ["serve-encoder", "--repository", str(demo.repository),
+                                        "--grpc-port", str(encoder_port), "--http-port", str(free_port()),
+                                        "--metrics-port", str(free_port())], tmp_path)
+            await wait_status(server.port, SERVING, timeout_s=120)
             (resp,) = [r async for r in stub.IngestImages(one())]
             assert resp.outcome == pb.IngestImagesResponse.INSERTED
             found = await stub.SearchImages(pb.SearchImagesRequest(text="seven", top_k=5))
             assert [r.image.image_id for r in found.results] == [resp.image_id]
 
-            await asyncio.to_thread(encoder.stop)
+            os.killpg(encoder.proc.pid, signal.SIGKILL)  # the whole process group, tritonserver included
+            encoder.proc.wait()
             await wait_status(server.port, NOT_SERVING)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.SearchImages(pb.SearchImagesRequest(text="seven"))
@@ -83,7 +87,8 @@ async def test_health_follows_the_encoder(demo, tmp_path):
             stats = await stub.GetCollectionStats(pb.GetCollectionStatsRequest())  # Milvus still answers
             assert stats.image_count == 1
     finally:
-        await asyncio.to_thread(encoder.stop)
+        if encoder is not None:
+            encoder.stop()
         await server.stop(grace_s=1)
 
 

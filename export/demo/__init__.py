@@ -5,7 +5,7 @@ No model weights can be downloaded where Vitrine is developed, so the demo train
 - `vitrine-digits-tiny.json`: the open_clip model config. ViT image tower (3 layers, width 128,
   4 heads of width 32, 32 px input, 8 px patches -> 16 patches + class token) and text tower
   (3 layers, width 128, 4 heads, open_clip's default CLIP BPE tokenizer, vocabulary 49,408,
-  context length 32 tokens), joint embedding of 128 dimensions.
+  context length 77 tokens as in CLIP), joint embedding of 128 dimensions.
   Image preprocessing is open_clip's default `PreprocessCfg` (RGB, resize shortest side bicubic,
   center crop to 32 px, OpenAI CLIP mean/std). The config file cannot carry a `preprocess_cfg`:
   for a registered (built-in style) model name open_clip passes every top-level key to

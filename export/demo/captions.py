@@ -11,10 +11,17 @@ the end of a word gets a different (`</w>`) token than the same character follow
 text, so the Chinese templates put the digit's name both at the end and in the middle of a run.
 "一张 / 一个 / 一幅" ("a", literally "one [measure word]") prefixes are included so the model learns
 that they do not mean the digit one.
+
+Caption noise (`sample_caption`): during training a caption may get random filler words (English)
+or characters (Chinese, glued to the caption without spaces) before and/or after it, drawn from
+`FILLER_WORDS`, which hold no digit names and none of the words that only the evaluation phrasings
+use. Without it the text tower learns the positions the digit takes in the few training templates
+and does not recognise a Chinese digit name after an unseen prefix.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -98,3 +105,57 @@ def training_captions(label: int) -> list[str]:
         ValueError: `label` is not an int in 0..9.
     """
     return [template.format(label) for template in TRAINING_TEMPLATES]
+
+
+# Filler items: English words, Chinese characters and measure-word phrases. None names a digit
+# (一 only inside 一张 / 一个 / 一幅, "a"), none is a word that only the evaluation phrasings use.
+FILLER_WORDS: dict[Language, tuple[str, ...]] = {
+    "en": tuple(
+        "image photo picture small big old new gray grey ink paper tiny clear blurry sample example "
+        "of the with on in this that here shows is my your black white dark light page card simple "
+        "neat messy quick little thick thin bold sketch character symbol figure and very nice".split()
+    ),
+    "zh": tuple(
+        "这那是个图片像照上下左右中里在和好大小黑白色画面纸页格看见很真新旧清楚字样式号码幅的"
+        "灰暗亮粗细整齐潦草简单漂亮符形状位置标记张单独它我你"
+    )
+    + ("一张", "一个", "一幅"),
+}
+
+
+def _filler(language: Language, rng: random.Random, max_items: int) -> str:
+    sep = " " if language == "en" else ""
+    return sep.join(rng.choice(FILLER_WORDS[language]) for _ in range(rng.randint(1, max_items)))
+
+
+def sample_caption(
+    label: int,
+    templates: tuple[Template, ...] | list[Template],
+    rng: random.Random,
+    *,
+    filler_probability: float = 0.5,
+    max_filler: int = 4,
+) -> str:
+    """A random training caption for digit `label`: a random template from `templates`, and, each
+    with probability `filler_probability`, 1..`max_filler` filler items before and after it
+    (English: words joined by spaces; Chinese: characters glued on without spaces).
+
+    Deterministic for a given `rng` state.
+
+    Raises:
+        ValueError: bad label, empty `templates`, probability outside [0, 1] or max_filler < 1.
+    """
+    if not templates:
+        raise ValueError("sample_caption needs at least one template")
+    if not 0.0 <= filler_probability <= 1.0:
+        raise ValueError(f"filler_probability must be in [0, 1], got {filler_probability}")
+    if max_filler < 1:
+        raise ValueError(f"max_filler must be >= 1, got {max_filler}")
+    template = rng.choice(templates)
+    caption = template.format(label)
+    sep = " " if template.language == "en" else ""
+    if rng.random() < filler_probability:
+        caption = _filler(template.language, rng, max_filler) + sep + caption
+    if rng.random() < filler_probability:
+        caption = caption + sep + _filler(template.language, rng, max_filler)
+    return caption

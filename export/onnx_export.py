@@ -1,0 +1,358 @@
+"""`export_repository`: open_clip model -> two ONNX towers + a Triton model repository.
+
+Layout (the contract is `vitrine.manifest`):
+
+    <output>/manifest.json, tokenizer.json
+    <output>/<prefix>_image/config.pbtxt, <output>/<prefix>_image/1/model.onnx
+    <output>/<prefix>_text/config.pbtxt,  <output>/<prefix>_text/1/model.onnx
+
+Everything is written into a hidden staging folder next to `output` and renamed into place only
+after every check passed (onnx.checker, the ONNX Runtime vs PyTorch parity gate, tokenizer.json vs
+open_clip ids), so a failed export leaves no partial repository.
+
+Exporter: torch 2.14's `torch.onnx.export` defaults to the dynamo exporter, which needs
+`onnxscript` (not a project dependency); the TorchScript exporter (`dynamo=False`, deprecated but
+present in 2.14) exports both towers with a dynamic batch axis and is used here.
+
+Precision: 'fp32' (default) or 'fp16'. fp16 converts the weights to half before tracing; the
+graphs keep uint8/int64 inputs and float32 outputs, and run in half inside. fp16 is GPU-only
+(`gpu=True`): ONNX Runtime 1.32's CPU provider segfaults creating a session for these fp16 graphs
+at its default optimization level (ORT_ENABLE_ALL). The export's parity gate still runs them on
+the CPU, at ORT_ENABLE_EXTENDED, against the float32 PyTorch model.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import open_clip
+import tokenizers
+import torch
+
+from export import ExportError
+from export import parity as parity_mod
+from export.loading import LoadedModel, load_open_clip
+from export.tokenizer_json import write_tokenizer_json
+from export.towers import ImageTower, TextTower
+from export.triton_config import TensorSpec, build_model_config, write_model_config
+from vitrine.manifest import MANIFEST_FILE, TOKENIZER_FILE, Manifest, TowerParity
+from vitrine.manifest import ImageTower as ImageTowerSpec
+from vitrine.manifest import TextTower as TextTowerSpec
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+MODEL_VERSION = "1"
+IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "input_ids", "embedding"
+PRECISIONS = ("fp32", "fp16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _validate(
+    name_prefix: str,
+    precision: str,
+    max_batch_size: int,
+    preferred_batch_sizes: Sequence[int],
+    max_queue_delay_microseconds: int,
+    instance_count: int,
+    gpu: bool,
+    opset: int,
+) -> None:
+    if not _NAME.match(name_prefix):
+        raise ExportError(f"name_prefix {name_prefix!r} must match {_NAME.pattern} (it names Triton models)")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and not gpu:
+        raise ExportError(
+            "precision='fp16' is GPU-only (--gpu): ONNX Runtime's CPU provider crashes on fp16 graphs at its "
+            "default optimization level and has few fp16 CPU kernels; export fp32 for CPU serving"
+        )
+    if max_batch_size < 1:
+        raise ExportError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    bad = [b for b in preferred_batch_sizes if not 1 <= int(b) <= max_batch_size]
+    if bad:
+        raise ExportError(f"preferred_batch_sizes {bad} must lie in 1..max_batch_size ({max_batch_size})")
+    if max_queue_delay_microseconds < 0:
+        raise ExportError(f"max_queue_delay_microseconds must be >= 0, got {max_queue_delay_microseconds}")
+    if instance_count < 1:
+        raise ExportError(f"instance_count must be >= 1, got {instance_count}")
+    if not 14 <= opset <= 20:  # 14: first opset with the ops these towers need; 20: newest tested
+        raise ExportError(f"opset must be in 14..20, got {opset}")
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ExportError(f"output {output} exists and is not a folder")
+    if not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"output {output} is not empty; pass overwrite=True (--overwrite) to replace it")
+    if not (output / MANIFEST_FILE).is_file():
+        raise ExportError(f"refusing to overwrite {output}: it is not empty and holds no {MANIFEST_FILE}")
+
+
+def _onnx_export(
+    module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: int
+) -> None:
+    """Trace `module` on `example` to `path` with a dynamic batch axis, then run onnx.checker."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # Tracer warnings here are shape assertions in nn.MultiheadAttention (constant per model).
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+        # Text pooling indexes rows at argmax(ids): never negative, the case this warns about.
+        warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
+        # nn.MultiheadAttention's fused inference path (aten::_native_multi_head_attention) has no
+        # ONNX symbolic; switch it off while tracing.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=[input_name],
+                output_names=[OUTPUT],
+                dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        except RuntimeError as exc:  # torch.onnx.errors.OnnxExporterError and tracing errors
+            raise ExportError(f"torch.onnx.export of {type(module).__name__} failed: {exc}") from exc
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
+
+
+def _run_onnx(path: Path, input_name: str, value: np.ndarray, precision: str) -> np.ndarray:
+    """Run one ONNX graph on the CPU with ONNX Runtime; returns its output.
+
+    fp16 graphs run at ORT_ENABLE_EXTENDED: ONNX Runtime 1.32's CPU EP crashes (SIGSEGV) creating a
+    session for them at the default ORT_ENABLE_ALL (measured on the ViT towers here).
+    """
+    options = ort.SessionOptions()
+    if precision == "fp16":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT], {input_name: value})[0]
+
+
+def _verify_tokenizer_file(path: Path, loaded: LoadedModel, pad_id: int, texts: Sequence[str]) -> None:
+    """tokenizer.json + the serving side's cleaning must give open_clip's ids for `texts`."""
+    from retrieval_service.tokenizer import TextTokenizer
+
+    runtime = TextTokenizer(path, loaded.context_length, pad_id).encode_batch(list(texts))
+    expected = loaded.tokenizer(list(texts)).numpy()
+    if not np.array_equal(runtime, expected):
+        rows = [i for i in range(len(texts)) if not np.array_equal(runtime[i], expected[i])]
+        raise ExportError(f"tokenizer.json ids differ from open_clip's for texts {[texts[i] for i in rows]}")
+
+
+def _versions(opset: int) -> dict[str, str]:
+    return {
+        "exporter": "torch.onnx.export(dynamo=False)",
+        "opset": str(opset),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "tokenizers": tokenizers.__version__,
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_repository(
+    loaded: LoadedModel,
+    root: Path,
+    *,
+    name_prefix: str,
+    precision: str,
+    config_kwargs: dict[str, Any],
+    opset: int,
+) -> Manifest:
+    """Write the whole repository into `root` (an empty staging folder); returns its manifest."""
+    pre = loaded.preprocess
+    height, width = pre.image_size
+    threshold = parity_mod.PARITY_THRESHOLDS[precision]
+    image_model, text_model = f"{name_prefix}_image", f"{name_prefix}_text"
+
+    # References: open_clip's own path in float32, on real images and texts.
+    pixels, reference_input = parity_mod.image_batch(parity_mod.sample_images(), pre.eval_transform())
+    texts = list(parity_mod.PARITY_TEXTS)
+    token_ids = loaded.tokenizer(texts)
+    image_reference = parity_mod.reference_image_embeddings(loaded.model, reference_input)
+    text_reference = parity_mod.reference_text_embeddings(loaded.model, token_ids)
+    embedding_dim = int(image_reference.shape[1])
+    if text_reference.shape[1] != embedding_dim:
+        raise ExportError(
+            f"image ({embedding_dim}) and text ({text_reference.shape[1]}) embedding dims differ"
+        )
+
+    model = loaded.model if precision == "fp32" else copy.deepcopy(loaded.model).half()
+
+    image_path = root / image_model / MODEL_VERSION / ONNX_FILE
+    started = time.perf_counter()
+    image_tower = ImageTower(model, pre.mean, pre.std).eval()
+    _onnx_export(image_tower, torch.from_numpy(pixels[:2]), image_path, IMAGE_INPUT, opset)
+    text_path = root / text_model / MODEL_VERSION / ONNX_FILE
+    _onnx_export(TextTower(model).eval(), token_ids[:2], text_path, TEXT_INPUT, opset)
+    log.info("exported both towers to ONNX in %.1f s", time.perf_counter() - started)
+
+    # The gate runs a batch size different from the traced one (2), so it also checks the dynamic axis.
+    image_onnx = _run_onnx(image_path, IMAGE_INPUT, pixels, precision)
+    text_onnx = _run_onnx(text_path, TEXT_INPUT, token_ids.numpy(), precision)
+    results: dict[str, TowerParity] = {
+        "image": parity_mod.compare("image", image_onnx, image_reference, threshold),
+        "text": parity_mod.compare("text", text_onnx, text_reference, threshold),
+    }
+
+    pad_id = write_tokenizer_json(loaded.tokenizer, root / TOKENIZER_FILE, loaded.context_length)
+    _verify_tokenizer_file(root / TOKENIZER_FILE, loaded, pad_id, texts)
+
+    output_spec = TensorSpec(OUTPUT, "TYPE_FP32", (embedding_dim,))
+    write_model_config(
+        build_model_config(
+            image_model,
+            inputs=[TensorSpec(IMAGE_INPUT, "TYPE_UINT8", (height, width, 3))],
+            outputs=[output_spec],
+            **config_kwargs,
+        ),
+        root / image_model,
+    )
+    write_model_config(
+        build_model_config(
+            text_model,
+            inputs=[TensorSpec(TEXT_INPUT, "TYPE_INT64", (loaded.context_length,))],
+            outputs=[output_spec],
+            **config_kwargs,
+        ),
+        root / text_model,
+    )
+
+    manifest = Manifest(
+        model_id=Manifest.make_model_id(loaded.model_name, loaded.pretrained, loaded.weights_sha256),
+        model_name=loaded.model_name,
+        pretrained=loaded.pretrained,
+        weights_sha256=loaded.weights_sha256,
+        embedding_dim=embedding_dim,
+        precision=precision,
+        image=ImageTowerSpec(
+            triton_model=image_model,
+            input_name=IMAGE_INPUT,
+            output_name=OUTPUT,
+            size=(height, width),
+            resize_mode=pre.resize_mode,
+            interpolation=pre.interpolation,
+            mean=pre.mean,
+            std=pre.std,
+        ),
+        text=TextTowerSpec(
+            triton_model=text_model,
+            input_name=TEXT_INPUT,
+            output_name=OUTPUT,
+            context_length=loaded.context_length,
+            pad_id=pad_id,
+            tokenizer_file=TOKENIZER_FILE,
+        ),
+        parity=results,
+        exporter=_versions(opset),
+    )
+    manifest.write(root)
+    return manifest
+
+
+def export_repository(
+    model_name: str,
+    output: Path | str,
+    *,
+    pretrained: str | None = None,
+    checkpoint: Path | str | None = None,
+    name_prefix: str = "clip",
+    precision: str = "fp32",
+    max_batch_size: int = 64,
+    preferred_batch_sizes: Sequence[int] = (8, 16, 32),
+    max_queue_delay_microseconds: int = 2000,
+    instance_count: int = 1,
+    gpu: bool = False,
+    opset: int = 17,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export an open_clip model's two towers as a Vitrine/Triton model repository at `output`.
+
+    Args:
+        model_name: open_clip model name (e.g. 'ViT-B-32', or a demo config such as 'vitrine-digits-tiny').
+        output: repository folder to create (must be absent or empty unless `overwrite`).
+        pretrained: open_clip pretrained tag, or None / 'random' for random weights.
+        checkpoint: local open_clip checkpoint / state_dict file (label 'file:<name>').
+        name_prefix: Triton model names are '<prefix>_image' and '<prefix>_text'.
+        precision: 'fp32' or 'fp16' (half weights inside the graphs; parity threshold 0.999).
+        max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds: Triton batching
+            (batch sizes in rows, delay in microseconds).
+        instance_count: Triton model instances per tower.
+        gpu: KIND_GPU instances with the TensorRT FP16 accelerator instead of KIND_CPU.
+        opset: ONNX opset (14..20).
+        overwrite: replace an existing repository at `output` (only one with a manifest.json).
+
+    Returns:
+        The written manifest (parity results and exporter versions included).
+
+    Raises:
+        ExportError: invalid arguments, weights unavailable (see `load_open_clip`), an ONNX check,
+            the parity gate (min cosine below `parity.PARITY_THRESHOLDS[precision]`) or the
+            tokenizer check failed. Nothing is left at `output` then (an existing repository is
+            kept unless the new one was complete).
+    """
+    started = time.perf_counter()
+    _validate(name_prefix, precision, max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds,
+              instance_count, gpu, opset)
+    output = Path(output).resolve()
+    _check_output(output, overwrite)
+    loaded = load_open_clip(model_name, pretrained=pretrained, checkpoint=checkpoint)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        manifest = _write_repository(
+            loaded,
+            staging,
+            name_prefix=name_prefix,
+            precision=precision,
+            opset=opset,
+            config_kwargs=dict(
+                max_batch_size=max_batch_size,
+                preferred_batch_sizes=tuple(preferred_batch_sizes),
+                max_queue_delay_microseconds=max_queue_delay_microseconds,
+                instance_count=instance_count,
+                gpu=gpu,
+            ),
+        )
+        _check_output(output, overwrite)  # again: something may have appeared meanwhile
+        staging.chmod(0o755)  # mkdtemp makes it 0700; Triton may run as another user
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s to %s in %.1f s", manifest.model_id, output, time.perf_counter() - started)
+    return manifest
