@@ -32,7 +32,9 @@ def check_content_id(image_id: object) -> str:
     """
     if not isinstance(image_id, str) or _CONTENT_ID.fullmatch(image_id) is None:
         shown = repr(image_id) if len(repr(image_id)) <= 80 else repr(image_id)[:77] + "..."
-        raise InvalidInputError(f"image id must be 64 lowercase hex characters (a sha256 digest), got {shown}")
+        raise InvalidInputError(
+            f"image id must be 64 lowercase hex characters (a sha256 digest), got {shown}"
+        )
     return image_id
 
 

@@ -13,8 +13,9 @@ Parity notes (open_clip 3.3.0, `open_clip/transform.py`; torchvision 0.29 `trans
   `_convert_to_rgb` / `MaybeConvertMode`, right after decoding — as open_clip's training loaders do
   (webdataset `decode("pilrgb")`). open_clip's eval transform itself converts *after* resize/crop; for RGB
   and L inputs the order does not change a single pixel, for P/1 (Pillow resizes them with NEAREST), RGBA/LA
-  (premultiplied-alpha resize) or CMYK the result equals `preprocess(img.convert('RGB'))`, not
-  `preprocess(img)`. 16-bit grayscale ('I;16') is clipped at 255 by Pillow's convert, exactly as open_clip.
+  (premultiplied-alpha resize) or CMYK (padding 0 is white in CMYK) the result equals
+  `preprocess(img.convert('RGB'))`, not `preprocess(img)` (which differs by up to ~3.8 after Normalize on the
+  test images). 16-bit grayscale ('I;16') is clipped at 255 by Pillow's convert, exactly as open_clip.
 * Resize/crop: the same Pillow `Image.resize(size, resample)` call torchvision makes for PIL images, with
   torchvision's size rounding (`int()` for the long side of `Resize(int)`, `round()` in `ResizeKeepRatio`)
   and crop offsets (`int(round((H - h) / 2.0))`); padding (images smaller than the crop) is 0 (black).
@@ -78,7 +79,9 @@ class ImageLimits:
         Image.init()
         unknown = [f for f in self.formats if f.upper() not in Image.OPEN]
         if unknown:
-            raise ValueError(f"ImageLimits.formats: Pillow cannot open {unknown}; known: {sorted(Image.OPEN)}")
+            raise ValueError(
+                f"ImageLimits.formats: Pillow cannot open {unknown}; known: {sorted(Image.OPEN)}"
+            )
 
 
 def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = False) -> Image.Image:
@@ -108,7 +111,9 @@ def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = Fal
     if size == 0:
         raise ImageRejectedError("empty", "the image is empty (0 bytes)")
     if size > limits.max_bytes:
-        raise ImageRejectedError("too_many_bytes", f"{size} bytes is more than the limit of {limits.max_bytes}")
+        raise ImageRejectedError(
+            "too_many_bytes", f"{size} bytes is more than the limit of {limits.max_bytes}"
+        )
     try:
         image = Image.open(io.BytesIO(data), formats=list(limits.formats))
     except Image.DecompressionBombError as exc:
@@ -136,14 +141,18 @@ def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = Fal
             raise ImageRejectedError("too_many_pixels", str(exc)) from exc
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
             # OSError covers 'image file is truncated' and zlib/decoder errors.
-            raise ImageRejectedError("undecodable", f"{image.format} data is corrupt or truncated: {exc}") from exc
+            raise ImageRejectedError(
+                "undecodable", f"{image.format} data is corrupt or truncated: {exc}"
+            ) from exc
         if exif_transpose:
             transposed = ImageOps.exif_transpose(image)
             image = transposed if transposed is not None else image
         try:
             return image.convert("RGB")
         except (ValueError, OSError) as exc:
-            raise ImageRejectedError("unsupported_mode", f"cannot convert mode {image.mode} to RGB: {exc}") from exc
+            raise ImageRejectedError(
+                "unsupported_mode", f"cannot convert mode {image.mode} to RGB: {exc}"
+            ) from exc
 
 
 def image_format(data: bytes) -> str:
@@ -186,7 +195,7 @@ def _keep_ratio_size(height: int, width: int, target: tuple[int, int], longest: 
 
 
 def _resize(image: Image.Image, hw: tuple[int, int], resample: Image.Resampling) -> Image.Image:
-    """torchvision `F.resize` on a PIL image: unchanged when already that size, else `Image.resize((w, h))`."""
+    """torchvision `F.resize` on a PIL image: unchanged when already that size, else `resize((w, h))`."""
     if (image.height, image.width) == hw:
         return image
     return image.resize((hw[1], hw[0]), resample)

@@ -45,6 +45,9 @@ class RetrievalServer:
     """A running (or startable) retrieval service; see `create_server`."""
 
     def __init__(self, settings: Settings) -> None:
+        # pymilvus logs every failed call (a user's bad filter included) at ERROR with a traceback; the vector
+        # store maps those failures to statuses, and this service logs what matters.
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
         self.settings = settings
         self.manifest = Manifest.read(settings.model_repository)
         self.tokenizer = TextTokenizer.from_repository(settings.model_repository, self.manifest)

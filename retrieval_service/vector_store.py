@@ -88,12 +88,17 @@ _ROWS_PER_UPSERT = 1000
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 # pymilvus.client.types.Status.CONNECT_FAILED: raised when the channel to the server cannot be (re)made.
 _CONNECT_FAILED = 2
-# Milvus Lite's status code for a bad filter (legacy ErrorCode ILLEGAL_ARGUMENT, milvus_lite.adapter.grpc.errors).
+# Milvus Lite's status code for a bad filter (legacy ErrorCode ILLEGAL_ARGUMENT,
+# milvus_lite.adapter.grpc.errors).
 _LITE_ILLEGAL_ARGUMENT = 6
 _COLLECTION_NOT_FOUND = (4, 100)
 # How Milvus server 2.3 words expression errors (proxy: "failed to create query plan: cannot parse
 # expression: ...", delete: "failed to create expr plan, expr = ...").
-_SERVER_FILTER_MARKERS = ("cannot parse expression", "failed to create query plan", "failed to create expr plan")
+_SERVER_FILTER_MARKERS = (
+    "cannot parse expression",
+    "failed to create query plan",
+    "failed to create expr plan",
+)
 _UNAVAILABLE_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -111,7 +116,9 @@ class IndexSettings(BaseModel):
     nprobe: int = Field(16, ge=1, le=65536, description="IVF_FLAT search: clusters visited (<= nlist)")
     M: int = Field(16, ge=2, le=2048, description="HNSW: graph degree")
     efConstruction: int = Field(200, ge=8, le=512, description="HNSW: build-time candidate list size")
-    ef: int = Field(64, ge=1, le=32768, description="HNSW search: candidate list size (raised to offset+top_k)")
+    ef: int = Field(
+        64, ge=1, le=32768, description="HNSW search: candidate list size (raised to offset + top_k)"
+    )
 
     @model_validator(mode="after")
     def _nprobe_within_nlist(self) -> "IndexSettings":
@@ -238,7 +245,12 @@ class VectorStore:
             client = self._connect()
             timeout = max(self.timeout_s, 60.0)
             if not client.has_collection(self.collection, timeout=timeout):
-                self._create(client, timeout)
+                try:
+                    self._create(client, timeout)
+                except MilvusException:
+                    # another process may have created it between the two calls; then check theirs
+                    if not client.has_collection(self.collection, timeout=timeout):
+                        raise
             self._check_existing(client, timeout)
             client.load_collection(self.collection, timeout=timeout)
             self._opened = True
@@ -255,7 +267,16 @@ class VectorStore:
         if self._client is None:
             if self.is_lite:
                 Path(self.uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-            self._client = MilvusClient(uri=self.uri, token=self._token, timeout=self.timeout_s)
+            kwargs: dict[str, Any] = {}
+            if self.is_lite:
+                # Milvus Lite's in-process gRPC server keeps grpc's default ping policy (at most one ping per
+                # 5 min without data) while pymilvus pings every 10 s even when idle: after ~30 s idle the
+                # server answers GOAWAY "too_many_pings" and the next call fails UNAVAILABLE. Match it.
+                kwargs["grpc_options"] = {
+                    "grpc.keepalive_time_ms": 300_000,
+                    "grpc.keepalive_permit_without_calls": 0,
+                }
+            self._client = MilvusClient(uri=self.uri, token=self._token, timeout=self.timeout_s, **kwargs)
         return self._client
 
     def _create(self, client: MilvusClient, timeout: float) -> None:
@@ -344,10 +365,13 @@ class VectorStore:
             )
 
     def _ready(self) -> MilvusClient:
-        if not self._opened or self._client is None:
+        client = self._client
+        if not self._opened or client is None:
             self.open()
-        assert self._client is not None
-        return self._client
+            client = self._client
+        if client is None:  # closed by another thread meanwhile
+            raise DependencyUnavailableError("milvus", f"the store for {self.collection!r} was closed")
+        return client
 
     # --- error mapping -----------------------------------------------------------------------------------
 
@@ -372,7 +396,7 @@ class VectorStore:
             MilvusUnavailableException, a code that is grpc UNAVAILABLE / DEADLINE_EXCEEDED (pymilvus'
             retry gave up), grpc.RpcError with those codes, grpc.FutureTimeoutError, and
             ConnectionConfigException "Open local milvus failed" (Lite)  -> DependencyUnavailableError.
-          * collection not found (code 100 / legacy 4; dropped behind our back)  -> DependencyUnavailableError,
+          * collection not found (code 100 / legacy 4; dropped behind our back) -> DependencyUnavailableError,
             and the next call re-opens (re-creates) it.
           * with a filter: Lite code 6 (ILLEGAL_ARGUMENT from its filter parser) or a server message
             "cannot parse expression" / "failed to create query plan" / "failed to create expr plan"
@@ -395,10 +419,14 @@ class VectorStore:
             or (isinstance(exc, ConnectionConfigException) and "open local milvus" in message.lower())
         ):
             self._opened = False
+            if isinstance(exc, ConnectionConfigException) and self.is_lite:
+                message += " (is another process using this Milvus Lite file? is its directory writable?)"
             return DependencyUnavailableError("milvus", f"{where}: {message}")
         if code in _COLLECTION_NOT_FOUND and operation != "open":
             self._opened = False
-            return DependencyUnavailableError("milvus", f"{where}: collection not found ({message}); re-opening")
+            return DependencyUnavailableError(
+                "milvus", f"{where}: collection not found ({message}); re-opening"
+            )
         if filter_expr and (
             (self.is_lite and code == _LITE_ILLEGAL_ARGUMENT)
             or any(marker in message for marker in _SERVER_FILTER_MARKERS)
@@ -424,11 +452,12 @@ class VectorStore:
         if not np.all(np.isfinite(vec)) or not np.any(vec):
             raise InvalidInputError(f"row {row.id}: embedding has NaN/inf values or is all zeros")
         if not isinstance(row.filename, str) or len(row.filename.encode("utf-8")) > MAX_FILENAME_BYTES:
-            raise InvalidInputError(f"row {row.id}: filename must be a str of at most {MAX_FILENAME_BYTES} UTF-8 bytes")
-        if isinstance(row.ingest_time_ms, bool) or not isinstance(row.ingest_time_ms, (int, np.integer)) or not (
-            0 <= int(row.ingest_time_ms) < 2**63
-        ):
-            raise InvalidInputError(f"row {row.id}: ingest_time_ms must be a non-negative int64, got {row.ingest_time_ms!r}")
+            raise InvalidInputError(
+                f"row {row.id}: filename must be a str of at most {MAX_FILENAME_BYTES} UTF-8 bytes"
+            )
+        t = row.ingest_time_ms
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < 2**63:
+            raise InvalidInputError(f"row {row.id}: ingest_time_ms must be a non-negative int64, got {t!r}")
         if not isinstance(row.metadata, dict):
             raise InvalidInputError(f"row {row.id}: metadata must be a JSON object (dict)")
         try:
@@ -436,7 +465,9 @@ class VectorStore:
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"row {row.id}: metadata is not JSON-serializable: {exc}") from None
         if size > MILVUS_MAX_JSON_BYTES:
-            raise InvalidInputError(f"row {row.id}: metadata is {size} bytes of JSON; the limit is {MILVUS_MAX_JSON_BYTES}")
+            raise InvalidInputError(
+                f"row {row.id}: metadata is {size} bytes of JSON; the limit is {MILVUS_MAX_JSON_BYTES}"
+            )
         return {
             "id": row.id,
             "embedding": vec,
@@ -543,7 +574,9 @@ class VectorStore:
         """
         queries = np.asarray(vectors)
         if queries.ndim != 2 or queries.shape[1] != self.dim or not 1 <= queries.shape[0] <= MILVUS_MAX_NQ:
-            raise InvalidInputError(f"vectors must be [Q, {self.dim}] with 1 <= Q <= {MILVUS_MAX_NQ}, got shape {queries.shape}")
+            raise InvalidInputError(
+                f"vectors must be [Q, {self.dim}] with 1 <= Q <= {MILVUS_MAX_NQ}, got shape {queries.shape}"
+            )
         if not np.issubdtype(queries.dtype, np.floating):
             raise InvalidInputError(f"vectors must be floating point, got {queries.dtype}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -655,7 +688,8 @@ class VectorStore:
             expr = self._check_filter(filter)
             if not expr:
                 raise InvalidInputError(
-                    "delete filter is empty; to delete every image use a filter matching all, e.g. 'id != \"\"'"
+                    "delete filter is empty; to delete every image use a filter that matches all, "
+                    "e.g. 'id != \"\"'"
                 )
             matched = self.count(expr)
             if matched:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# tests/milvus_server.py: the real Milvus standalone server (`milvus` package), one per session
+pytest_plugins = ["milvus_server"]
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("VITRINE_CACHE_DIR", ROOT / ".cache"))
 

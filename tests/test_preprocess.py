@@ -95,6 +95,21 @@ def test_matches_open_clip_eval_transform(name, size, resize_mode):
     np.testing.assert_array_equal(undone.round().to(torch.uint8).permute(1, 2, 0).numpy(), pixels)
 
 
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", ["china_jpeg", "portrait_crop_png", "digits_strip_png"])
+def test_matches_open_clip_with_bilinear_interpolation(name, size, resize_mode):
+    """Including open_clip's quirk: 'shortest' to a non-square size always resizes BICUBIC."""
+    data = IMAGES[name]
+    reference = image_transform(size, is_train=False, mean=MEAN, std=STD, resize_mode=resize_mode,
+                                interpolation="bilinear")
+    expected = reference(Image.open(io.BytesIO(data)).convert("RGB"))
+    spec = ImageTower(triton_model="image", size=size, resize_mode=resize_mode, interpolation="bilinear",
+                      mean=MEAN, std=STD)
+    pixels = to_model_input(decode_image(data, LIMITS), spec)
+    assert torch.max(torch.abs(_normalize(pixels) - expected)).item() <= 1e-6
+
+
 @pytest.mark.parametrize("name", ["china_jpeg", "flower_gray_png", "digit_upscaled_png"])
 def test_rgb_and_gray_inputs_match_open_clip_on_the_unconverted_image(name):
     """For RGB and L files the convert-first order changes nothing: same as preprocess(Image.open(f))."""
@@ -119,7 +134,7 @@ def test_non_rgb_input_to_model_input_is_converted():
     np.testing.assert_array_equal(to_model_input(gray, spec), to_model_input(gray.convert("RGB"), spec))
 
 
-# --- rejections --------------------------------------------------------------------------------------------------
+# --- rejections ------------------------------------------------------------------------------------------
 
 
 def _reason(data: bytes, limits: ImageLimits = LIMITS) -> str:
@@ -140,7 +155,8 @@ def _png_with_size(width: int, height: int) -> bytes:
 def test_rejects_empty_random_and_excluded_formats():
     assert _reason(b"") == "empty"
     assert _reason(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()) == "undecodable"
-    assert _reason(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n") == "undecodable"  # never Ghostscript
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    assert _reason(eps) == "undecodable"  # EPS is excluded: Pillow would run Ghostscript
     tga = encode(Image.fromarray(load_sample_images().images[0]), "TGA")
     assert _reason(tga) == "undecodable"  # a valid image, but not an accepted format
     assert isinstance(decode_image(tga, ImageLimits(formats=("TGA",))), Image.Image)
@@ -184,8 +200,10 @@ def test_rejects_too_small():
 
 def test_preprocess_batch_keeps_order_and_isolates_bad_images():
     spec = _spec((32, 32), "shortest")
-    out = preprocess_batch([IMAGES["china_jpeg"], b"", b"not an image", IMAGES["digit_8x8_png"]], spec, LIMITS)
-    assert [type(o).__name__ for o in out] == ["ndarray", "ImageRejectedError", "ImageRejectedError", "ndarray"]
+    datas = [IMAGES["china_jpeg"], b"", b"not an image", IMAGES["digit_8x8_png"]]
+    out = preprocess_batch(datas, spec, LIMITS)
+    kinds = ["ndarray", "ImageRejectedError", "ImageRejectedError", "ndarray"]
+    assert [type(o).__name__ for o in out] == kinds
     assert [o.reason for o in out[1:3]] == ["empty", "undecodable"]
     assert isinstance(out[1], ValueError)  # InvalidInputError is a ValueError
     assert np.stack([out[0], out[3]]).shape == (2, 32, 32, 3)
@@ -218,9 +236,10 @@ def test_limits_are_validated():
 
 def test_serving_modules_do_not_import_torch():
     code = (
-        "import sys, retrieval_service.preprocess, retrieval_service.vector_store, retrieval_service.blob_store, "
-        "retrieval_service.errors; bad = [m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules]; "
-        "print(bad); sys.exit(1 if bad else 0)"
+        "import sys, retrieval_service.preprocess, retrieval_service.vector_store, "
+        "retrieval_service.blob_store, retrieval_service.errors\n"
+        "bad = [m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules]\n"
+        "print(bad)\nsys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

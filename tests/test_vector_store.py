@@ -1,4 +1,4 @@
-"""VectorStore against real Milvus: Milvus Lite (a local .db) and a Milvus standalone server (`milvus` package).
+"""VectorStore against real Milvus: Milvus Lite (a local .db) and a Milvus standalone server (`milvus`).
 
 Synthetic unit vectors make the expected answers computable with numpy (cosine similarity = dot product).
 """
@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval_service.blob_store import BlobStore, content_id
 from retrieval_service.errors import (
     CollectionMismatchError,
     DependencyUnavailableError,
     InvalidFilterError,
     InvalidInputError,
+    NotFoundError,
 )
 from retrieval_service.vector_store import MILVUS_MAX_WINDOW, IndexSettings, Row, VectorStore
 # Provides the session fixture `milvus_server_uri` (a real Milvus standalone server); registering the
@@ -110,7 +112,7 @@ def filled(make_store) -> VectorStore:
 
 @pytest.fixture(scope="module")
 def shared(backend_uri) -> VectorStore:
-    """One collection holding the N synthetic rows, for read-only tests (creating one takes ~3 s on a server)."""
+    """One collection holding the N synthetic rows, for read-only tests (creating one: ~3 s on a server)."""
     store = _open(backend_uri)
     assert store.insert(_rows()) == N
     store.flush()
@@ -145,7 +147,8 @@ def test_index_types_find_the_exact_neighbours(make_store, index):
     store.insert(_rows())
     store.flush()
     info = store.describe()
-    assert (info["index_type"], info["metric_type"], info["dim"], info["count"]) == (index.index_type, "COSINE", DIM, N)
+    assert (info["index_type"], info["metric_type"]) == (index.index_type, "COSINE")
+    assert (info["dim"], info["count"]) == (DIM, N)
     assert info["params"] == index.build_params()
     hits = store.search(VECTORS[:5], 10)
     for i, page in enumerate(hits):
@@ -165,7 +168,9 @@ def test_filter_on_metadata_and_filename(shared):
 
     hits = shared.search(QUERIES[:1], 50, filter='filename like "img_00%"')[0]
     assert sorted(h.filename for h in hits) == [f"img_{i:03d}.png" for i in range(10)]
-    hits = shared.search(QUERIES[:1], 50, filter='(metadata["label"] == 1 or metadata["label"] == 2) and ingest_time < 1700000000020')[0]
+    # (Milvus Lite rejects `metadata["label"] in [1, 2]`: 'left side of in must be a field reference')
+    expr = '(metadata["label"] == 1 or metadata["label"] == 2) and ingest_time < 1700000000020'
+    hits = shared.search(QUERIES[:1], 50, filter=expr)[0]
     assert sorted(IDS.index(h.id) for h in hits) == [i for i in range(20) if i % LABELS in (1, 2)]
     assert shared.count('metadata["label"] == 3') == len(label3)
 
@@ -233,7 +238,8 @@ def test_get_and_existing_ids(shared):
     rows = shared.get([IDS[7], missing, IDS[3], IDS[7]])
     assert [r.id for r in rows] == [IDS[7], IDS[3]]
     assert rows[0].embedding is None
-    assert (rows[0].filename, rows[0].ingest_time_ms, rows[0].metadata["n"]) == ("img_007.png", 1_700_000_000_007, 7)
+    assert (rows[0].filename, rows[0].ingest_time_ms) == ("img_007.png", 1_700_000_000_007)
+    assert rows[0].metadata["n"] == 7
     (with_vec,) = shared.get([IDS[3]], with_vectors=True)
     assert with_vec.embedding.dtype == np.float32 and with_vec.embedding.shape == (DIM,)
     np.testing.assert_array_equal(with_vec.embedding, VECTORS[3])
@@ -342,8 +348,29 @@ def test_lite_data_persists_across_processes(tmp_path):
         print(json.dumps({{"count": s.count(), "top": s.search(q, 1)[0][0].id}}))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"count": 50, "top": IDS[7]}
+
+
+def test_lite_file_held_by_another_process_is_unavailable(tmp_path):
+    uri = str(tmp_path / "held.db")
+    holder = VectorStore(uri, "held", DIM)
+    holder.open()
+    script = textwrap.dedent(
+        f"""
+        from retrieval_service.errors import DependencyUnavailableError
+        from retrieval_service.vector_store import VectorStore
+        try:
+            VectorStore({uri!r}, "held", {DIM}).open()
+        except DependencyUnavailableError as exc:
+            print("unavailable", exc.dependency, exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("unavailable milvus"), out.stdout + out.stderr[-2000:]
+    assert "another process" in out.stdout
+    holder.close()
 
 
 def test_closed_port_is_unavailable():
@@ -392,7 +419,8 @@ def test_index_settings_validation():
         VectorStore("vectors.sqlite", "c", DIM)
     with pytest.raises(ValueError, match="collection name"):
         VectorStore("x.db", "1-bad name", DIM)
-    assert IndexSettings(index_type="HNSW", M=8, efConstruction=40).build_params() == {"M": 8, "efConstruction": 40}
+    hnsw = IndexSettings(index_type="HNSW", M=8, efConstruction=40)
+    assert hnsw.build_params() == {"M": 8, "efConstruction": 40}
 
 
 def test_threads_share_one_lazily_opened_store(lite_uri):
@@ -406,3 +434,40 @@ def test_threads_share_one_lazily_opened_store(lite_uri):
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(lambda _: first_call(), range(4))) == [0, 0, 0, 0]
     store.close()
+
+
+# --- blob store ------------------------------------------------------------------------------------------------
+
+
+def test_blob_store_round_trip_and_layout(tmp_path):
+    blobs = BlobStore(tmp_path / "blobs")
+    data = b"\x89PNG fake but opaque bytes"
+    image_id = blobs.put(data)
+    assert image_id == hashlib.sha256(data).hexdigest() == content_id(data)
+    assert blobs.path(image_id) == tmp_path / "blobs" / image_id[:2] / image_id[2:4] / image_id
+    assert blobs.get(image_id) == data and blobs.exists(image_id)
+    assert blobs.put(data) == image_id  # idempotent
+    assert [p.name for p in blobs.path(image_id).parent.iterdir()] == [image_id]  # no temp files left
+    assert blobs.delete(image_id) is True and blobs.delete(image_id) is False
+    assert not blobs.exists(image_id)
+    with pytest.raises(NotFoundError):
+        blobs.get(image_id)
+
+
+def test_blob_store_rejects_ids_that_are_not_sha256_hex(tmp_path):
+    blobs = BlobStore(tmp_path)
+    for bad in ["../../etc/passwd", "ab" * 31, "AB" * 32, "g" * 64, "", "a" * 64 + "/x", None]:
+        with pytest.raises(InvalidInputError, match="64 lowercase hex"):
+            blobs.get(bad)
+        with pytest.raises(InvalidInputError):
+            blobs.exists(bad)
+
+
+def test_blob_store_concurrent_writers(tmp_path):
+    blobs = BlobStore(tmp_path)
+    payloads = [bytes([i]) * 100_000 for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(blobs.put, payloads * 4))  # each payload written 4 times concurrently
+    assert ids == [content_id(p) for p in payloads * 4]
+    assert all(blobs.get(content_id(p)) == p for p in payloads)
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -22,6 +22,7 @@ and does not recognise a Chinese digit name after an unseen prefix.
 from __future__ import annotations
 
 import random
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,25 +108,86 @@ def training_captions(label: int) -> list[str]:
     return [template.format(label) for template in TRAINING_TEMPLATES]
 
 
-# Filler items: English words, Chinese characters and measure-word phrases. None names a digit
-# (一 only inside 一张 / 一个 / 一幅, "a"), none is a word that only the evaluation phrasings use.
+def _chinese_characters(templates: tuple[Template, ...]) -> set[str]:
+    return {c for t in templates if t.language == "zh" for c in t.text.replace("{word}", "").replace("{numeral}", "")}
+
+
+# Characters that only the evaluation phrasings use: never used as filler, so that those phrasings
+# stay unseen.
+EVALUATION_ONLY_CHARACTERS: frozenset[str] = frozenset(
+    _chinese_characters(EVALUATION_TEMPLATES) - _chinese_characters(TRAINING_TEMPLATES)
+)
+EVALUATION_ONLY_WORDS: frozenset[str] = frozenset(
+    {w for t in EVALUATION_TEMPLATES if t.language == "en" for w in t.text.split()}
+    - {w for t in TRAINING_TEMPLATES if t.language == "en" for w in t.text.split()}
+    - {"{word}", "{numeral}"}
+)
+# Number characters: Unicode numeric value (unicodedata.numeric, from the Unihan database:
+# 零一...九十百千万亿, financial 壹贰...) plus the non-numeric number words 两 / 俩 / 仨 / 幺.
+_NUMBER_WORDS_ZH = frozenset("两俩仨幺")
+
+
+def _is_filler_character(char: str) -> bool:
+    return (
+        unicodedata.numeric(char, None) is None
+        and char not in _NUMBER_WORDS_ZH
+        and char not in EVALUATION_ONLY_CHARACTERS
+    )
+
+
+# CJK ideographs (U+4E00..U+9FA5) that share the first two UTF-8 bytes, or the last byte, with a
+# digit's name. CLIP's byte-level BPE splits most CJK characters into byte tokens, so a digit's name
+# is a pair of tokens (七 = E4 B8 | 83) and these characters contain one of the pair's tokens; as
+# filler they teach the text tower to read a digit from the exact adjacent pair, not from a token
+# that appears somewhere in the caption.
+_DIGIT_LEAD_BYTES = {d.encode()[:2] for d in DIGIT_WORDS["zh"]}
+_DIGIT_LAST_BYTES = {d.encode()[-1] for d in DIGIT_WORDS["zh"]}
+BYTE_NEIGHBOUR_CHARACTERS: tuple[str, ...] = tuple(
+    c
+    for c in map(chr, range(0x4E00, 0x9FA6))
+    if (c.encode()[:2] in _DIGIT_LEAD_BYTES or c.encode()[-1] in _DIGIT_LAST_BYTES) and _is_filler_character(c)
+)
+# Filler items: English words, common Chinese characters and measure-word phrases. None names a
+# digit (一 only inside 一张 / 一个 / 一幅, "a") or is a word that only the evaluation phrasings use.
 FILLER_WORDS: dict[Language, tuple[str, ...]] = {
     "en": tuple(
-        "image photo picture small big old new gray grey ink paper tiny clear blurry sample example "
-        "of the with on in this that here shows is my your black white dark light page card simple "
-        "neat messy quick little thick thin bold sketch character symbol figure and very nice".split()
+        w
+        for w in (
+            "image photo picture small big old new gray grey ink paper tiny clear blurry sample example "
+            "of the with on in this that here shows is my your black white dark light page card simple "
+            "neat messy quick little thick thin bold sketch character symbol figure and very nice"
+        ).split()
+        if w not in EVALUATION_ONLY_WORDS
     ),
     "zh": tuple(
-        "这那是个图片像照上下左右中里在和好大小黑白色画面纸页格看见很真新旧清楚字样式号码幅的"
-        "灰暗亮粗细整齐潦草简单漂亮符形状位置标记张单独它我你"
+        c
+        for c in (
+            "这那是个图片像照上下左右中里在和好大小黑白色画面纸页格看见很真新旧清楚字样式号码幅的"
+            "灰暗亮粗细整齐潦草简单漂亮符形状位置标记张单独它我你"
+        )
+        if _is_filler_character(c)
     )
     + ("一张", "一个", "一幅"),
 }
 
 
 def _filler(language: Language, rng: random.Random, max_items: int) -> str:
-    sep = " " if language == "en" else ""
-    return sep.join(rng.choice(FILLER_WORDS[language]) for _ in range(rng.randint(1, max_items)))
+    count = rng.randint(1, max_items)
+    if language == "en":
+        return " ".join(rng.choice(FILLER_WORDS["en"]) for _ in range(count))
+    items = []
+    for _ in range(count):
+        kind = rng.randrange(3)  # a common character, a digit's byte neighbour, any CJK ideograph
+        if kind == 0:
+            items.append(rng.choice(FILLER_WORDS["zh"]))
+        elif kind == 1:
+            items.append(rng.choice(BYTE_NEIGHBOUR_CHARACTERS))
+        else:
+            char = chr(rng.randint(0x4E00, 0x9FA5))
+            while not _is_filler_character(char):
+                char = chr(rng.randint(0x4E00, 0x9FA5))
+            items.append(char)
+    return "".join(items)
 
 
 def sample_caption(
@@ -138,7 +200,9 @@ def sample_caption(
 ) -> str:
     """A random training caption for digit `label`: a random template from `templates`, and, each
     with probability `filler_probability`, 1..`max_filler` filler items before and after it
-    (English: words joined by spaces; Chinese: characters glued on without spaces).
+    (English: words joined by spaces; Chinese: characters glued on without spaces, a third each
+    from `FILLER_WORDS["zh"]`, `BYTE_NEIGHBOUR_CHARACTERS` and all CJK ideographs U+4E00..U+9FA5,
+    never number characters or `EVALUATION_ONLY_CHARACTERS`).
 
     Deterministic for a given `rng` state.
 

@@ -10,7 +10,7 @@ pairs of the same digit, because two captions of the same digit are both right.
 
 Training inputs go through the serving path: `data.render_digit` -> open_clip's eval transform
 (resize shortest side bicubic, center crop 32 px, normalize), pre-computed once; the only
-augmentation is a random shift of up to `max_shift_px` pixels (of the 32 px input) with paper
+augmentation is a small random rotation, zoom and shift (`_random_affine`) with paper
 colour filling the border.
 
 `ensure_checkpoint` caches the result under `<cache_dir>/demo/` keyed by a hash of the model config
@@ -66,6 +66,8 @@ class Recipe:
             (`captions.sample_caption`).
         max_filler: most filler words / characters on each side.
         max_shift_px: largest random shift, in pixels of the 32 px model input, per axis.
+        max_rotation_deg: largest random rotation, degrees.
+        max_scale_delta: random zoom factor in [1 - max_scale_delta, 1 + max_scale_delta].
         seed: seeds model initialisation, shuffling, caption choice and shifts.
         num_threads: `torch.set_num_threads` during training and evaluation.
     """
@@ -78,7 +80,9 @@ class Recipe:
     captions_per_image: int = 2
     filler_probability: float = 0.5
     max_filler: int = 4
-    max_shift_px: int = 2
+    max_shift_px: float = 2.0
+    max_rotation_deg: float = 10.0
+    max_scale_delta: float = 0.1
     seed: int = 0
     num_threads: int = 2
 
@@ -208,15 +212,28 @@ def _soft_clip_loss(
     return (i2t + t2i) / 2
 
 
-def _random_shift(batch: torch.Tensor, max_shift: int, fill: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image of float [B, 3, H, W] by up to `max_shift` px per axis, filling with `fill` [3]."""
-    if max_shift == 0:
-        return batch
+def _random_affine(
+    batch: torch.Tensor, paper: torch.Tensor, recipe: "Recipe", generator: torch.Generator
+) -> torch.Tensor:
+    """Randomly rotate, scale and shift each image of float [B, 3, H, W] (bilinear), filling with the
+    paper colour `paper` float [3]: rotation uniform in +-`max_rotation_deg`, scale in
+    1 +- `max_scale_delta`, shift uniform in +-`max_shift_px` input pixels per axis."""
     b, c, h, w = batch.shape
-    padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * max_shift, w + 2 * max_shift).clone()
-    padded[:, :, max_shift : max_shift + h, max_shift : max_shift + w] = batch
-    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+    u = torch.rand(b, 4, generator=generator) * 2 - 1  # uniform [-1, 1)
+    angle = u[:, 0] * math.radians(recipe.max_rotation_deg)
+    scale = 1 + u[:, 1] * recipe.max_scale_delta
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # affine_grid maps output to input coordinates in [-1, 1]: a shift of s px is 2 s / size
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, u[:, 2] * recipe.max_shift_px * 2 / w], dim=1),
+            torch.stack([sin, cos, u[:, 3] * recipe.max_shift_px * 2 / h], dim=1),
+        ],
+        dim=1,
+    )  # [B, 2, 3]
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+    fill = paper.view(1, c, 1, 1)
+    return F.grid_sample(batch - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
 def encode_text_trimmed(model: open_clip.CLIP, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -241,18 +258,31 @@ def encode_text_trimmed(model: open_clip.CLIP, tokens: torch.Tensor, normalize: 
     return F.normalize(x, dim=-1) if normalize else x
 
 
+def encode_text_bucketed(model: open_clip.CLIP, tokens: torch.Tensor, bucket_size: int = 32) -> torch.Tensor:
+    """`encode_text_trimmed` on length-sorted buckets of `bucket_size` captions, rows in input order.
+
+    tokens: int64 [N, context_length]; returns float32 [N, embed_dim], L2-normalised. Captions of
+    similar length share a bucket, so each is trimmed close to its own length.
+    """
+    order = tokens.argmax(dim=1).argsort(stable=True)
+    chunks = [encode_text_trimmed(model, tokens[idx]) for idx in order.split(bucket_size)]
+    out = torch.empty(len(tokens), chunks[0].shape[1], dtype=chunks[0].dtype)
+    return out.index_copy(0, order, torch.cat(chunks))
+
+
 def _sample_tokens(
     labels: torch.Tensor,
     pools: list[tuple],
     tokenizer: open_clip.tokenizer.SimpleTokenizer,
     rng: random.Random,
     recipe: "Recipe",
-) -> torch.Tensor:
-    """int64 [len(pools) * B, context_length]: one sampled caption per label per template pool;
-    a caption that would not fit the context length is used without filler."""
+) -> list[torch.Tensor]:
+    """Per template pool, int64 [B, context_length]: one sampled caption per label; a caption that
+    would not fit the context length is used without filler."""
     limit = tokenizer.context_length - 2  # room for <sot> and <eot>
-    captions = []
+    out = []
     for pool in pools:
+        captions = []
         for label in labels.tolist():
             caption = sample_caption(
                 label, pool, rng, filler_probability=recipe.filler_probability, max_filler=recipe.max_filler
@@ -260,7 +290,8 @@ def _sample_tokens(
             if len(tokenizer.encode(caption)) > limit:
                 caption = sample_caption(label, pool, rng, filler_probability=0.0)
             captions.append(caption)
-    return tokenizer(captions)
+        out.append(tokenizer(captions))
+    return out
 
 
 def train(recipe: Recipe = DEFAULT_RECIPE, *, progress: bool = True) -> tuple[open_clip.CLIP, dict[str, Any]]:
@@ -311,10 +342,10 @@ def train(recipe: Recipe = DEFAULT_RECIPE, *, progress: bool = True) -> tuple[op
             running = 0.0
             for batch in order.split(recipe.batch_size):
                 y = labels[batch]
-                images = _random_shift(pixels[batch], recipe.max_shift_px, paper, generator)
+                images = _random_affine(pixels[batch], paper, recipe, generator)
                 tokens = _sample_tokens(y, pools, tokenizer, caption_rng, recipe)
                 image_emb = model.encode_image(images, normalize=True)
-                text_emb = encode_text_trimmed(model, tokens)
+                text_emb = encode_text_bucketed(model, torch.cat(tokens))
                 loss = _soft_clip_loss(image_emb, text_emb, y, y.repeat(len(pools)), model.logit_scale.exp())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
