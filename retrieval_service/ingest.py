@@ -127,8 +127,7 @@ class IngestPipeline:
                 raise _field("content", "content is empty: send the encoded image bytes")
             if len(req.content) > self.max_image_bytes:
                 raise ImageRejectedError(
-                    f"image is {len(req.content)} bytes; the limit is {self.max_image_bytes} bytes",
-                    reason="too_many_bytes",
+                    "too_many_bytes", f"image is {len(req.content)} bytes; the limit is {self.max_image_bytes} bytes"
                 )
             if len(req.filename) > self.max_filename_chars:
                 raise _field("filename", f"filename has {len(req.filename)} characters; limit {self.max_filename_chars}")

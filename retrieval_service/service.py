@@ -107,7 +107,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
             raise FieldError("min_score", f"min_score must be in [-1, 1] (cosine similarity), got {min_score}")
         kind = request.WhichOneof("query")
         if kind is None:
-            raise FieldError("query", "set one of text, image or image_id")
+            raise FieldError("query", "query is required: set one of text, image or image_id")
         key = request.image if kind == "image" else getattr(request, kind)
         fingerprint = query_fingerprint(kind, key, request.filter, min_score)
         offset = decode_page_token(request.page_token, fingerprint)
