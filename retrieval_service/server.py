@@ -28,6 +28,7 @@ from retrieval_service.errors import DependencyUnavailableError
 from retrieval_service.health import HealthMonitor
 from retrieval_service.ingest import IngestPipeline, InflightIds
 from retrieval_service.preprocess import ImageLimits, preprocess_batch
+from retrieval_service.rerank import ModelReranker
 from retrieval_service.service import RetrievalService
 from retrieval_service.settings import Settings
 from retrieval_service.tokenizer import TextTokenizer
@@ -82,10 +83,16 @@ class RetrievalServer:
             max_inflight_batches=settings.ingest_max_inflight_batches, max_image_bytes=settings.max_image_bytes,
             max_filename_chars=settings.max_filename_chars,
         )
+        rr = settings.rerank
+        self.model_reranker = (
+            ModelReranker(rr.model_url or settings.encoder_url, rr.model, timeout_s=rr.model_timeout_s)
+            if rr.model else None
+        )
         self.service = RetrievalService(
             settings=settings, manifest=self.manifest, tokenizer=self.tokenizer, encoder=self.encoder,
             store=self.store, blobs=self.blobs, preprocess=self.preprocess, ingest=self.ingest,
             health=self.health, decode_executor=self.decode_executor, store_executor=self.store_executor,
+            model_reranker=self.model_reranker,
         )
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -131,6 +138,8 @@ class RetrievalServer:
         await self.health.stop()
         await self.grpc_server.stop(grace_s)
         await self.encoder.close()
+        if self.model_reranker is not None:
+            await self.model_reranker.close()
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
         self.store_executor.shutdown(wait=True, cancel_futures=True)
         close = getattr(self.store, "close", None)

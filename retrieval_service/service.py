@@ -18,10 +18,11 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
-from retrieval_service.errors import DependencyUnavailableError, NotFoundError
+from retrieval_service.errors import DependencyUnavailableError, InvalidInputError, NotFoundError
 from retrieval_service.health import HealthMonitor
 from retrieval_service.ingest import IngestPipeline
 from retrieval_service.pagination import MILVUS_MAX_WINDOW, decode_page_token, encode_page_token, query_fingerprint
+from retrieval_service.rerank import ModelReranker, RerankMethod, rerank, validate_request
 from retrieval_service.settings import Settings
 from retrieval_service.status import FieldError, rpc_errors
 from vitrine.manifest import Manifest
@@ -31,6 +32,13 @@ from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 10
+_RERANK_METHODS = {
+    pb.RerankOptions.METHOD_UNSPECIFIED: None,  # settings default
+    pb.RerankOptions.NONE: RerankMethod.NONE,
+    pb.RerankOptions.EXACT: RerankMethod.EXACT,
+    pb.RerankOptions.MMR: RerankMethod.MMR,
+    pb.RerankOptions.MODEL: RerankMethod.MODEL,
+}
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -69,6 +77,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         health: HealthMonitor,
         decode_executor: Executor,
         store_executor: Executor,
+        model_reranker: ModelReranker | None = None,
     ) -> None:
         self._s = settings
         self._manifest = manifest
@@ -81,6 +90,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         self._health = health
         self._decode_executor = decode_executor
         self._store_executor = store_executor
+        self._model_reranker = model_reranker
 
     def dependency_failed(self, exc: DependencyUnavailableError) -> None:
         """Called on UNAVAILABLE: health goes NOT_SERVING until the next successful probe."""
@@ -96,8 +106,9 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
     async def SearchImages(self, request: pb.SearchImagesRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         """Rank stored images by cosine similarity to a text, image or stored-image query.
 
-        Returns up to top_k (1..max_top_k, default 10) results from offset `page_token`; INVALID_ARGUMENT for bad
-        input, UNAVAILABLE when the encoder or Milvus is down.
+        Returns up to top_k (1..max_top_k, default 10) results from offset `page_token`, optionally reranked
+        (exact cosine, MMR or a Triton reranker model) from the first `rerank.top_n` candidates;
+        INVALID_ARGUMENT for bad input, UNAVAILABLE when the encoder or Milvus is down.
         """
         top_k = request.top_k or DEFAULT_TOP_K
         if not 1 <= top_k <= self._s.max_top_k:
@@ -109,24 +120,41 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         if kind is None:
             raise FieldError("query", "query is required: set one of text, image or image_id")
         key = request.image if kind == "image" else getattr(request, kind)
-        fingerprint = query_fingerprint(kind, key, request.filter, min_score)
+        rr = request.rerank
+        method = _RERANK_METHODS.get(rr.method)
+        mmr_lambda = rr.mmr_lambda if rr.HasField("mmr_lambda") else None
+        fingerprint = query_fingerprint(kind, key, request.filter, min_score, method, rr.top_n, mmr_lambda)
         offset = decode_page_token(request.page_token, fingerprint)
         if offset + top_k > MILVUS_MAX_WINDOW:
             raise FieldError("top_k", f"page offset {offset} + top_k {top_k} exceeds Milvus' window of "
                                       f"{MILVUS_MAX_WINDOW} results")
+        try:
+            plan = validate_request(method, top_k, rr.top_n, mmr_lambda, self._s.rerank, offset=offset)
+        except InvalidInputError as exc:
+            raise FieldError("rerank", str(exc)) from exc
 
         t0 = time.perf_counter()
         vector = await self._query_vector(kind, request)
         t1 = time.perf_counter()
-        hits = (await self._in_store(self._store.search, vector[None, :], top_k, offset=offset,
-                                     filter=request.filter, min_score=min_score))[0]
+        if plan.method == RerankMethod.NONE:
+            hits = (await self._in_store(self._store.search, vector[None, :], top_k, offset=offset,
+                                         filter=request.filter, min_score=min_score))[0]
+            window_end = MILVUS_MAX_WINDOW
+        else:
+            candidates = (await self._in_store(self._store.search, vector[None, :], plan.top_n,
+                                               filter=request.filter, with_vectors=True))[0]
+            hits = await rerank(plan.method, vector, candidates, top_k, lambda_=plan.mmr_lambda,
+                                model_reranker=self._model_reranker, offset=offset)
+            if min_score is not None:
+                hits = [h for h in hits if h.score >= min_score]
+            window_end = min(plan.top_n, len(candidates))
         t2 = time.perf_counter()
 
         response = pb.SearchImagesResponse(model_id=self._manifest.model_id, encode_ms=(t1 - t0) * 1e3,
                                            search_ms=(t2 - t1) * 1e3)
         for rank, hit in enumerate(hits, start=offset):
             response.results.append(pb.SearchResult(image=image_record(hit), score=hit.score, rank=rank))
-        if len(hits) == top_k and offset + top_k < MILVUS_MAX_WINDOW:
+        if len(hits) == top_k and offset + top_k < window_end:
             response.next_page_token = encode_page_token(offset + top_k, fingerprint)
         return response
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,9 +19,24 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from retrieval_service.rerank import RerankSettings
 from retrieval_service.vector_store import IndexSettings
 
 MiB = 1024 * 1024
+
+
+class GenerationSettings(BaseModel):
+    """Gemini image generation (GenerateImages). The API key is a secret: never logged or echoed."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    api_key: SecretStr = Field(SecretStr(""), description="Gemini API key; empty = GenerateImages answers "
+                                                          "FAILED_PRECONDITION (env VITRINE_GENERATION__API_KEY)")
+    base_url: str = Field("", description="Gemini API base URL; empty = Google's endpoint")
+    model: str = Field("gemini-2.5-flash-image", description="default Gemini model")
+    max_reference_images: int = Field(4, ge=1, le=16, description="most reference images per generation")
+    max_retries: int = Field(2, ge=0, le=10, description="retries on 5xx / connection errors before any output")
+    timeout_s: float = Field(120.0, gt=0, description="deadline of one Gemini call, seconds")
 
 
 class Settings(BaseSettings):
@@ -46,6 +61,8 @@ class Settings(BaseSettings):
     collection: str = Field("", description="Milvus collection; empty = derived from the model id")
     index: IndexSettings = Field(default_factory=IndexSettings)
     blob_dir: Path = Field(Path("var/blobs"), description="content-addressed store of original image bytes")
+    rerank: RerankSettings = Field(default_factory=RerankSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
 
     # --- the gRPC server -----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address of the gRPC server")

@@ -156,13 +156,18 @@ class Row:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: `score` is the cosine similarity in [-1, 1], higher is more similar."""
+    """One search result: `score` is the cosine similarity in [-1, 1], higher is more similar.
+
+    `embedding` is the stored vector, float32 [dim], when the search asked for it (`with_vectors=True`),
+    else None; it takes no part in equality or repr.
+    """
 
     id: str
     score: float
     filename: str
     ingest_time_ms: int
     metadata: dict[str, Any]
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def _redact(uri: str) -> str:
@@ -553,6 +558,7 @@ class VectorStore:
         offset: int = 0,
         filter: str = "",  # noqa: A002 - Milvus' name for the boolean expression
         min_score: float | None = None,
+        with_vectors: bool = False,
     ) -> list[list[Hit]]:
         """Nearest stored images by cosine similarity.
 
@@ -563,6 +569,8 @@ class VectorStore:
             filter: Milvus boolean expression over id / filename / ingest_time / metadata, e.g.
                 'metadata["label"] == 3 and filename like "cat%"'; '' for none.
             min_score: drop hits whose cosine similarity is below it.
+            with_vectors: also return each hit's stored embedding (Hit.embedding, float32 [dim]; as
+                stored, i.e. L2-normalized by the encoder), e.g. for a rerank stage; else it is None.
 
         Returns:
             Q lists of at most top_k Hits, best (highest score) first.
@@ -601,7 +609,7 @@ class VectorStore:
                 filter=expr,
                 limit=int(top_k),
                 offset=int(offset),
-                output_fields=_OUTPUT_FIELDS,
+                output_fields=_OUTPUT_FIELDS + (["embedding"] if with_vectors else []),
                 search_params={"metric_type": "COSINE", "params": self._search_params(int(offset + top_k))},
                 anns_field="embedding",
                 consistency_level=_READ_CONSISTENCY,
@@ -622,6 +630,9 @@ class VectorStore:
                         filename=str(entity.get("filename", "")),
                         ingest_time_ms=int(entity.get("ingest_time", 0)),
                         metadata=dict(entity.get("metadata") or {}),
+                        embedding=(
+                            np.asarray(entity["embedding"], dtype=np.float32) if with_vectors else None
+                        ),
                     )
                 )
             out.append(page)

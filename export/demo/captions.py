@@ -142,10 +142,12 @@ def _is_filler_character(char: str) -> bool:
 # that appears somewhere in the caption.
 _DIGIT_LEAD_BYTES = {d.encode()[:2] for d in DIGIT_WORDS["zh"]}
 _DIGIT_LAST_BYTES = {d.encode()[-1] for d in DIGIT_WORDS["zh"]}
-BYTE_NEIGHBOUR_CHARACTERS: tuple[str, ...] = tuple(
-    c
-    for c in map(chr, range(0x4E00, 0x9FA6))
-    if (c.encode()[:2] in _DIGIT_LEAD_BYTES or c.encode()[-1] in _DIGIT_LAST_BYTES) and _is_filler_character(c)
+_IDEOGRAPHS = tuple(map(chr, range(0x4E00, 0x9FA6)))
+SAME_LEAD_CHARACTERS: tuple[str, ...] = tuple(
+    c for c in _IDEOGRAPHS if c.encode()[:2] in _DIGIT_LEAD_BYTES and _is_filler_character(c)
+)
+SAME_LAST_BYTE_CHARACTERS: tuple[str, ...] = tuple(
+    c for c in _IDEOGRAPHS if c.encode()[-1] in _DIGIT_LAST_BYTES and _is_filler_character(c)
 )
 # Filler items: English words, common Chinese characters and measure-word phrases. None names a
 # digit (一 only inside 一张 / 一个 / 一幅, "a") or is a word that only the evaluation phrasings use.
@@ -177,11 +179,13 @@ def _filler(language: Language, rng: random.Random, max_items: int) -> str:
         return " ".join(rng.choice(FILLER_WORDS["en"]) for _ in range(count))
     items = []
     for _ in range(count):
-        kind = rng.randrange(3)  # a common character, a digit's byte neighbour, any CJK ideograph
+        kind = rng.randrange(4)  # a common character, a digit's byte neighbour (2 kinds), any ideograph
         if kind == 0:
             items.append(rng.choice(FILLER_WORDS["zh"]))
         elif kind == 1:
-            items.append(rng.choice(BYTE_NEIGHBOUR_CHARACTERS))
+            items.append(rng.choice(SAME_LEAD_CHARACTERS))
+        elif kind == 2:
+            items.append(rng.choice(SAME_LAST_BYTE_CHARACTERS))
         else:
             char = chr(rng.randint(0x4E00, 0x9FA5))
             while not _is_filler_character(char):
@@ -200,9 +204,9 @@ def sample_caption(
 ) -> str:
     """A random training caption for digit `label`: a random template from `templates`, and, each
     with probability `filler_probability`, 1..`max_filler` filler items before and after it
-    (English: words joined by spaces; Chinese: characters glued on without spaces, a third each
-    from `FILLER_WORDS["zh"]`, `BYTE_NEIGHBOUR_CHARACTERS` and all CJK ideographs U+4E00..U+9FA5,
-    never number characters or `EVALUATION_ONLY_CHARACTERS`).
+    (English: words joined by spaces; Chinese: characters glued on without spaces, drawn 1/4 each
+    from `FILLER_WORDS["zh"]`, `SAME_LEAD_CHARACTERS`, `SAME_LAST_BYTE_CHARACTERS` and all CJK
+    ideographs U+4E00..U+9FA5, never number characters or `EVALUATION_ONLY_CHARACTERS`).
 
     Deterministic for a given `rng` state.
 

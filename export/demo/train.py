@@ -39,6 +39,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from export.demo import MODEL_CONFIG_PATH, MODEL_NAME, register_model_config
@@ -68,6 +69,8 @@ class Recipe:
         max_shift_px: largest random shift, in pixels of the 32 px model input, per axis.
         max_rotation_deg: largest random rotation, degrees.
         max_scale_delta: random zoom factor in [1 - max_scale_delta, 1 + max_scale_delta].
+        ema_decay: decay of the exponential moving average of the weights that is kept as the result
+            (0 keeps the last iterate).
         seed: seeds model initialisation, shuffling, caption choice and shifts.
         num_threads: `torch.set_num_threads` during training and evaluation.
     """
@@ -83,6 +86,7 @@ class Recipe:
     max_shift_px: float = 2.0
     max_rotation_deg: float = 10.0
     max_scale_delta: float = 0.1
+    ema_decay: float = 0.995
     seed: int = 0
     num_threads: int = 2
 
@@ -333,6 +337,13 @@ def train(recipe: Recipe = DEFAULT_RECIPE, *, progress: bool = True) -> tuple[op
             milestones=[warmup],
         )
 
+        # exponential moving average of the weights (buffers included), evaluated and saved instead
+        # of the last iterate when ema_decay > 0
+        ema = (
+            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+            if recipe.ema_decay > 0
+            else None
+        )
         model.train()
         start = time.perf_counter()
         epoch_losses: list[float] = []
@@ -353,10 +364,14 @@ def train(recipe: Recipe = DEFAULT_RECIPE, *, progress: bool = True) -> tuple[op
                 scheduler.step()
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
+                if ema is not None:
+                    ema.update_parameters(model)
                 running += loss.item() * len(batch)
             epoch_losses.append(running / len(labels))
             bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
         train_seconds = time.perf_counter() - start
+        if ema is not None:
+            model.load_state_dict(ema.module.state_dict())
         model.eval()
     return model, {
         "train_seconds": round(train_seconds, 2),
