@@ -322,3 +322,54 @@ async def test_reflection_lists_the_services(service):
             names |= {s.name for s in resp.list_services_response.service}
     assert {"vitrine.v1.RetrievalService", "grpc.health.v1.Health"} <= names
 
+
+
+# --- rerank stage ---------------------------------------------------------------------------------------------
+
+async def test_rerank_mmr_spreads_near_duplicates(ingested, stub, demo):
+    item = demo.items[0]
+    base = Image.open(demo.dataset / item.filename).convert("RGB")
+    copies = []
+    for i in range(4):  # the same scan with one pixel changed: new bytes (new id), nearly the same embedding
+        img = base.copy()
+        img.putpixel((i, 0), (255 - 10 * i, 250, 250))
+        copies.append((png_bytes(img), f"dup_{i}.png", {"label": item.label, "dup": 1}))
+    responses = await ingest(stub, copies)
+    assert {r.outcome for r in responses} == {Outcome.INSERTED}
+    dup_ids = {r.image_id for r in responses} | {hashlib.sha256((demo.dataset / item.filename).read_bytes())
+                                                 .hexdigest()}
+    try:
+        query = pb.SearchImagesRequest(image=(demo.dataset / item.filename).read_bytes(), top_k=8)
+        plain = await stub.SearchImages(query)
+        query.rerank.method = pb.RerankOptions.MMR
+        query.rerank.top_n = 50
+        query.rerank.mmr_lambda = 1.0
+        relevance = await stub.SearchImages(query)
+        query.rerank.mmr_lambda = 0.3
+        diverse = await stub.SearchImages(query)
+        query.rerank.method = pb.RerankOptions.EXACT
+        exact = await stub.SearchImages(query)
+    finally:
+        await stub.DeleteImages(pb.DeleteImagesRequest(image_ids=[r.image_id for r in responses]))
+
+    def ids(resp):
+        return [r.image.image_id for r in resp.results]
+
+    assert set(ids(relevance)) == set(ids(plain)) == set(ids(exact))
+    assert [r.score for r in relevance.results] == pytest.approx([r.score for r in plain.results], abs=1e-5)
+    near_dups_plain = len(dup_ids & set(ids(plain)))
+    near_dups_diverse = len(dup_ids & set(ids(diverse)))
+    assert near_dups_plain == 5
+    assert near_dups_diverse < near_dups_plain
+
+
+async def test_rerank_bounds_are_validated(ingested, stub):
+    req = pb.SearchImagesRequest(text="seven", top_k=20)
+    req.rerank.method = pb.RerankOptions.MMR
+    req.rerank.top_n = 10  # fewer candidates than top_k
+    await expect_invalid(stub.SearchImages(req), "rerank")
+    req.rerank.top_n = 100
+    req.rerank.mmr_lambda = 1.5
+    await expect_invalid(stub.SearchImages(req), "lambda")
+    req.rerank.method = pb.RerankOptions.MODEL  # no reranker model configured
+    await expect_invalid(stub.SearchImages(req), "model")
