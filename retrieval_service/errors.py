@@ -17,7 +17,7 @@ from typing import Literal
 RejectReason = Literal[
     "empty", "too_many_bytes", "undecodable", "too_many_pixels", "too_small", "unsupported_mode"
 ]
-Dependency = Literal["milvus", "encoder"]
+Dependency = Literal["milvus", "encoder", "gemini"]
 
 
 class InvalidInputError(ValueError):
@@ -57,7 +57,7 @@ class DependencyUnavailableError(RuntimeError):
     """A backing service is unreachable or not ready; the same request may succeed later.
 
     Attributes:
-        dependency: which one, 'milvus' or 'encoder'.
+        dependency: which one, 'milvus', 'encoder' or 'gemini'.
     """
 
     def __init__(self, dependency: Dependency, message: str) -> None:

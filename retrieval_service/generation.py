@@ -10,7 +10,8 @@ Errors (the gRPC servicer maps them to status codes; nothing here knows about gR
 
     no API key configured                    GenerationNotConfiguredError  -> FAILED_PRECONDITION
     bad request / options, Gemini HTTP 400   InvalidInputError              -> INVALID_ARGUMENT
-    Gemini HTTP 401 / 403                    GenerationPermissionError      -> PERMISSION_DENIED
+    Gemini HTTP 401 / 403, or 400 with
+    reason API_KEY_INVALID (a bad key)       GenerationPermissionError      -> PERMISSION_DENIED
     Gemini HTTP 429                          GenerationQuotaError           -> RESOURCE_EXHAUSTED
     Gemini 5xx, connection failure, timeout,
     stream cut before a finish reason        DependencyUnavailableError('gemini', ...)  -> UNAVAILABLE
@@ -34,13 +35,19 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import aiohttp
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 from PIL import Image, UnidentifiedImageError
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
+
+try:  # the SDK streams with aiohttp when it is installed (google-genai[aiohttp]), else with httpx2
+    import aiohttp
+
+    _AIOHTTP_ERRORS: tuple[type[Exception], ...] = (aiohttp.ClientError,)
+except ImportError:  # pragma: no cover - depends on the installed extras
+    _AIOHTTP_ERRORS = ()
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +121,13 @@ class GenerationNotConfiguredError(GenerationError):
 
 
 class GenerationPermissionError(GenerationError):
-    """Gemini refused the API key: HTTP 401 or 403 (gRPC: PERMISSION_DENIED).
+    """Gemini refused the API key (gRPC: PERMISSION_DENIED).
+
+    HTTP 401 or 403, or HTTP 400 whose google.rpc.ErrorInfo reason is API_KEY_INVALID: the Gemini API answers
+    an invalid key with 400 INVALID_ARGUMENT, which is not the caller's request being wrong.
 
     Attributes:
-        http_status: 401 or 403.
+        http_status: 400, 401 or 403.
     """
 
     def __init__(self, http_status: int, message: str) -> None:
@@ -528,9 +538,9 @@ class GeminiGenerator:
         if isinstance(exc, genai_errors.APIError):
             code = int(exc.code or 0)
             msg = self._redact(exc.message or str(exc.status or "") or f"HTTP {code}")
-            if code == 400:
+            if code == 400 and "API_KEY_INVALID" not in _error_reasons(exc.details):
                 return InvalidInputError(f"Gemini rejected the request: {msg}"), False
-            if code in (401, 403):
+            if code in (400, 401, 403):
                 error = GenerationPermissionError(code, f"Gemini refused the API key (HTTP {code}): {msg}")
                 return error, False
             if code == 429:
@@ -542,23 +552,30 @@ class GeminiGenerator:
             return _unavailable(f"HTTP {code}: {msg}"), True
         if isinstance(exc, _TruncatedStream):
             return _unavailable("the stream ended before a finish reason"), True
-        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            return _unavailable(f"no complete answer within {self.timeout_s:g} s"), True
-        transport_error = isinstance(
-            exc, (aiohttp.ClientError, OSError, genai_errors.UnknownApiResponseError)
-        )
         # httpx / httpx2: the SDK's transport when aiohttp is not installed
-        if transport_error or type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):
+        httpx_error = type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore")
+        timed_out = httpx_error and "Timeout" in type(exc).__name__  # httpx ReadTimeout, ConnectTimeout, ...
+        if timed_out or isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return _unavailable(f"no complete answer within {self.timeout_s:g} s"), True
+        if httpx_error or isinstance(exc, (*_AIOHTTP_ERRORS, OSError, genai_errors.UnknownApiResponseError)):
             return _unavailable(self._redact(f"{type(exc).__name__}: {exc}")), True
         return None, False
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+        # Real keys are 39 characters; a very short test key would match ordinary words.
+        return text.replace(self._api_key, "[redacted]") if len(self._api_key) >= 8 else text
+
+
+def _error_reasons(details: Any) -> set[str]:
+    """The `reason`s of the google.rpc.ErrorInfo entries in a Gemini error body's `error.details`."""
+    error = details.get("error", details) if isinstance(details, dict) else {}
+    entries = error.get("details") if isinstance(error, dict) else None
+    return {str(d["reason"]) for d in entries or [] if isinstance(d, dict) and d.get("reason")}
 
 
 def _unavailable(detail: str) -> DependencyUnavailableError:
     # 'gemini' is not (yet) in retrieval_service.errors.Dependency
-    return DependencyUnavailableError("gemini", detail)  # type: ignore[arg-type]
+    return DependencyUnavailableError("gemini", detail)
 
 
 def _prepare_references(references: Sequence[tuple[bytes, str]]) -> list[tuple[bytes, str]]:

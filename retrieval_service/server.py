@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from retrieval_service.blob_store import BlobStore
 from retrieval_service.encoder_client import EncoderClient
 from retrieval_service.errors import DependencyUnavailableError
+from retrieval_service.generation import GeminiGenerator
 from retrieval_service.health import HealthMonitor
 from retrieval_service.ingest import IngestPipeline, InflightIds
 from retrieval_service.preprocess import ImageLimits, preprocess_batch
@@ -88,11 +89,14 @@ class RetrievalServer:
             ModelReranker(rr.model_url or settings.encoder_url, rr.model, timeout_s=rr.model_timeout_s)
             if rr.model else None
         )
+        gen = settings.generation
+        self.generator = GeminiGenerator(gen.api_key, base_url=gen.base_url or None, default_model=gen.model,
+                                         max_retries=gen.max_retries, timeout_s=gen.timeout_s)
         self.service = RetrievalService(
             settings=settings, manifest=self.manifest, tokenizer=self.tokenizer, encoder=self.encoder,
             store=self.store, blobs=self.blobs, preprocess=self.preprocess, ingest=self.ingest,
             health=self.health, decode_executor=self.decode_executor, store_executor=self.store_executor,
-            model_reranker=self.model_reranker,
+            model_reranker=self.model_reranker, generator=self.generator,
         )
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -140,6 +144,7 @@ class RetrievalServer:
         await self.encoder.close()
         if self.model_reranker is not None:
             await self.model_reranker.close()
+        await self.generator.close()
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
         self.store_executor.shutdown(wait=True, cancel_futures=True)
         close = getattr(self.store, "close", None)

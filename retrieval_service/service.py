@@ -7,6 +7,7 @@ Exceptions from the layers below become gRPC statuses in `retrieval_service.stat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -17,14 +18,18 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
+from grpc_status import rpc_status
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError, NotFoundError
+from retrieval_service.generation import GeminiGenerator, GenerationNotConfiguredError, GenerationOptions
+from retrieval_service.generation import Finished as GenerationFinished
+from retrieval_service.generation import ImageChunk, TextChunk
 from retrieval_service.health import HealthMonitor
 from retrieval_service.ingest import IngestPipeline
 from retrieval_service.pagination import MILVUS_MAX_WINDOW, decode_page_token, encode_page_token, query_fingerprint
 from retrieval_service.rerank import ModelReranker, RerankMethod, rerank, validate_request
 from retrieval_service.settings import Settings
-from retrieval_service.status import FieldError, rpc_errors
+from retrieval_service.status import FieldError, rpc_errors, to_status
 from vitrine.manifest import Manifest
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
@@ -78,6 +83,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         decode_executor: Executor,
         store_executor: Executor,
         model_reranker: ModelReranker | None = None,
+        generator: GeminiGenerator | None = None,
     ) -> None:
         self._s = settings
         self._manifest = manifest
@@ -91,10 +97,16 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         self._decode_executor = decode_executor
         self._store_executor = store_executor
         self._model_reranker = model_reranker
+        self._generator = generator
 
     def dependency_failed(self, exc: DependencyUnavailableError) -> None:
-        """Called on UNAVAILABLE: health goes NOT_SERVING until the next successful probe."""
-        self._health.mark_down(getattr(exc, "dependency", "unknown"))
+        """Called on UNAVAILABLE: health goes NOT_SERVING until the next successful probe.
+
+        Gemini is not a health dependency: search and ingest work without it.
+        """
+        dependency = getattr(exc, "dependency", "unknown")
+        if dependency != "gemini":
+            self._health.mark_down(dependency)
 
     async def _in_store(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
         loop = asyncio.get_running_loop()
@@ -104,6 +116,10 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
 
     @rpc_errors
     async def SearchImages(self, request: pb.SearchImagesRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        """See `_search`."""
+        return await self._search(request)
+
+    async def _search(self, request: pb.SearchImagesRequest) -> pb.SearchImagesResponse:
         """Rank stored images by cosine similarity to a text, image or stored-image query.
 
         Returns up to top_k (1..max_top_k, default 10) results from offset `page_token`, optionally reranked
@@ -239,3 +255,107 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
             milvus_kind="lite" if self._s.milvus_is_lite else "server",
         )
 
+
+    # --- GenerateImages -----------------------------------------------------------------------------------------
+
+    async def GenerateImages(  # noqa: N802
+        self, request: pb.GenerateImagesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateImagesResponse]:
+        """Retrieve references, then stream Gemini's generation (see the proto for the stream's shape and codes).
+
+        Nothing is streamed before the request is validated and the references are found, so every request error
+        is a status, never a half stream. Closing the stream (caller cancelled, deadline) closes Gemini's stream.
+        """
+        try:
+            prompt = request.prompt.strip()
+            if not prompt:
+                raise FieldError("prompt", "prompt is empty")
+            if len(request.prompt) > self._s.max_text_chars * 10:
+                raise FieldError("prompt", f"prompt has {len(request.prompt)} characters; the limit is "
+                                           f"{self._s.max_text_chars * 10}")
+            options = _generation_options(request.options)
+            if self._generator is None or not self._generator.configured:
+                raise GenerationNotConfiguredError(
+                    "no Gemini API key is configured (set VITRINE_GENERATION__API_KEY or generation.api_key)")
+            t0 = time.perf_counter()
+            references = await self._references(request)
+            retrieval_ms = (time.perf_counter() - t0) * 1e3
+            events = self._generator.stream(prompt, [(content, mime) for _, content, mime in references],
+                                            model=request.model or None, options=options)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status; the server keeps serving
+            if isinstance(exc, DependencyUnavailableError):
+                self.dependency_failed(exc)
+            await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+            return
+        yield pb.GenerateImagesResponse(references=pb.GenerationReferences(
+            references=[result for result, _, _ in references], retrieval_ms=retrieval_ms))
+        try:
+            async with contextlib.aclosing(events) as stream:
+                async for event in stream:
+                    yield _generation_event(event)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+
+    async def _references(self, request: pb.GenerateImagesRequest) -> list[tuple[pb.SearchResult, bytes, str]]:
+        """Find the reference images: (result, original bytes, MIME type) in the order they go to Gemini."""
+        from retrieval_service.preprocess import image_format  # noqa: PLC0415
+
+        limit = self._s.generation.max_reference_images
+        kind = request.WhichOneof("references")
+        if kind == "reference_ids":
+            ids = [check_image_id(i, "reference_ids.image_ids") for i in request.reference_ids.image_ids]
+            if len(ids) > limit:
+                raise FieldError("reference_ids.image_ids", f"at most {limit} reference images, got {len(ids)}")
+            rows = {row.id: row for row in await self._in_store(self._store.get, ids)}
+            missing = [i for i in ids if i not in rows]
+            if missing:
+                raise NotFoundError(f"reference image {missing[0]} is not in the collection")
+            results = [pb.SearchResult(image=image_record(rows[i]), score=0.0, rank=n) for n, i in enumerate(ids)]
+        elif kind == "reference_query":
+            count = request.reference_count or 1
+            if not 1 <= count <= limit:
+                raise FieldError("reference_count", f"reference_count must be in [1, {limit}], got {count}")
+            query = request.reference_query
+            search = pb.SearchImagesRequest(top_k=count, filter=query.filter)
+            which = query.WhichOneof("query")
+            if which is None:
+                raise FieldError("reference_query", "reference_query needs text or image")
+            setattr(search, which, getattr(query, which))
+            if query.HasField("min_score"):
+                search.min_score = query.min_score
+            results = list((await self._search(search)).results)
+        else:
+            return []
+        out = []
+        for result in results:
+            content = await self._in_store(self._blobs.get, result.image.image_id)
+            out.append((result, content, image_format(content)))
+        return out
+
+
+def _generation_options(options: pb.GenerationOptions) -> GenerationOptions:
+    """Proto options -> generation.GenerationOptions (validated there; InvalidInputError names the field)."""
+    present = {f.name: v for f, v in options.ListFields()}
+    kwargs = {k: present.get(k) for k in ("temperature", "top_p", "top_k", "seed", "max_output_tokens")}
+    kwargs["candidate_count"] = options.candidate_count or None
+    kwargs["aspect_ratio"] = options.aspect_ratio or None
+    if options.response_modalities:
+        kwargs["response_modalities"] = tuple(options.response_modalities)
+    return GenerationOptions(**kwargs)
+
+
+def _generation_event(event: TextChunk | ImageChunk | GenerationFinished) -> pb.GenerateImagesResponse:
+    """A generation event -> its stream message."""
+    if isinstance(event, TextChunk):
+        return pb.GenerateImagesResponse(text=pb.GeneratedText(text=event.text,
+                                                               candidate_index=event.candidate_index))
+    if isinstance(event, ImageChunk):
+        return pb.GenerateImagesResponse(image=pb.GeneratedImage(data=event.data, mime_type=event.mime_type,
+                                                                 candidate_index=event.candidate_index))
+    return pb.GenerateImagesResponse(finished=pb.GenerationFinished(
+        finish_reason=event.finish_reason, blocked=event.blocked, block_reason=event.block_reason,
+        prompt_tokens=event.prompt_tokens, candidates_tokens=event.candidates_tokens,
+        total_tokens=event.total_tokens, first_part_ms=event.first_part_ms or 0.0, total_ms=event.total_ms,
+        text_parts=event.text_parts, image_parts=event.image_parts))

@@ -16,6 +16,11 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from retrieval_service.generation import (
+    GenerationNotConfiguredError,
+    GenerationPermissionError,
+    GenerationQuotaError,
+)
 from retrieval_service.errors import (
     DependencyUnavailableError,
     ImageRejectedError,
@@ -27,6 +32,11 @@ from retrieval_service.errors import (
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "vitrine.v1"
+_GENERATION_CODES = (
+    (GenerationNotConfiguredError, code_pb2.FAILED_PRECONDITION),
+    (GenerationPermissionError, code_pb2.PERMISSION_DENIED),
+    (GenerationQuotaError, code_pb2.RESOURCE_EXHAUSTED),
+)
 T = TypeVar("T")
 
 
@@ -49,7 +59,8 @@ def to_status(exc: BaseException, field: str = "") -> status_pb2.Status:
     """Map a service exception to a `google.rpc.Status`.
 
     InvalidInputError (and subclasses) -> INVALID_ARGUMENT; NotFoundError -> NOT_FOUND;
-    DependencyUnavailableError -> UNAVAILABLE; anything else -> INTERNAL (message hidden, logged).
+    DependencyUnavailableError -> UNAVAILABLE; Gemini errors: not configured -> FAILED_PRECONDITION,
+    401/403 -> PERMISSION_DENIED, 429 -> RESOURCE_EXHAUSTED; anything else -> INTERNAL (message hidden, logged).
     """
     if isinstance(exc, InvalidInputError):
         field = getattr(exc, "field", "") or field
@@ -66,6 +77,9 @@ def to_status(exc: BaseException, field: str = "") -> status_pb2.Status:
         return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=details)
     if isinstance(exc, NotFoundError):
         return status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(exc))
+    for kind, code in _GENERATION_CODES:
+        if isinstance(exc, kind):
+            return status_pb2.Status(code=code, message=str(exc))
     if isinstance(exc, DependencyUnavailableError):
         dep = getattr(exc, "dependency", "dependency")
         info = error_details_pb2.ErrorInfo(reason=f"{str(dep).upper()}_UNAVAILABLE", domain=ERROR_DOMAIN)

@@ -12,6 +12,7 @@ chunk with `finishReason: STOP` and `usageMetadata`. One set of parts per candid
 Scripted behaviours, chosen per request by markers in the prompt text (the first text part):
 
     [fake:status=CODE]      answer HTTP CODE with Gemini's error body {"error": {"code", "message", "status"}}
+    [fake:invalid-key]      HTTP 400 with reason API_KEY_INVALID, Gemini's answer to a wrong API key
     [fake:fail-first=N]     the first N requests with this exact prompt get HTTP 500, later ones succeed
     [fake:blocked]          prompt blocked: one chunk with promptFeedback.blockReason = SAFETY, no candidates
     [fake:blocked-output]   output blocked: a candidate with finishReason IMAGE_SAFETY and no parts
@@ -182,15 +183,23 @@ def parse_markers(prompt: str) -> dict[str, str]:
     return {m.group(1): m.group(2) or "" for m in _MARKER.finditer(prompt)}
 
 
-def error_body(code: int, message: str | None = None) -> dict[str, Any]:
-    """Gemini's JSON error body for an HTTP status."""
-    return {
-        "error": {
-            "code": code,
-            "message": message or _STATUS_MESSAGES.get(code, f"fake error {code}"),
-            "status": _STATUS_NAMES.get(code, "UNKNOWN"),
-        }
+def error_body(code: int, message: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """Gemini's JSON error body for an HTTP status; with a google.rpc.ErrorInfo detail if `reason` is set."""
+    error: dict[str, Any] = {
+        "code": code,
+        "message": message or _STATUS_MESSAGES.get(code, f"fake error {code}"),
+        "status": _STATUS_NAMES.get(code, "UNKNOWN"),
     }
+    if reason:
+        error["details"] = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": reason,
+                "domain": "googleapis.com",
+                "metadata": {"service": "generativelanguage.googleapis.com"},
+            }
+        ]
+    return {"error": error}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,9 +404,9 @@ def build_app(recorder: _Recorder) -> web.Application:
         )
         recorder.add(rec)
 
-        def fail(code: int, message: str | None = None) -> web.Response:
+        def fail(code: int, message: str | None = None, reason: str | None = None) -> web.Response:
             recorder.end(rec, "error_status", code)
-            return web.json_response(error_body(code, message), status=code)
+            return web.json_response(error_body(code, message, reason), status=code)
 
         if match is None:
             return fail(404, f"unknown path {request.path}")
@@ -416,6 +425,8 @@ def build_app(recorder: _Recorder) -> web.Application:
             return web.Response(status=499)
         if "status" in markers:
             return fail(int(markers["status"]))
+        if "invalid-key" in markers:
+            return fail(400, "API key not valid. Please pass a valid API key.", "API_KEY_INVALID")
         if "fail-first" in markers and recorder.bump(rec.prompt) <= int(markers["fail-first"] or 0):
             return fail(500)
 
@@ -431,8 +442,8 @@ def build_app(recorder: _Recorder) -> web.Application:
         try:
             for i, payload in enumerate(_chunks(rec, markers)):
                 if break_after is not None and i >= break_after:
-                    assert request.transport is not None
-                    request.transport.abort()  # mid chunked body: the client sees an incomplete payload
+                    if request.transport is not None:
+                        request.transport.abort()  # mid chunked body: the client sees an incomplete payload
                     recorder.end(rec, "dropped_by_server")
                     return response
                 if i and interval and await _pause(request, interval):

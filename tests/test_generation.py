@@ -288,6 +288,14 @@ async def test_http_401_403_map_to_permission_error(fake, generator, status):
     assert _only(fake).status == status
 
 
+async def test_http_400_api_key_invalid_maps_to_permission_error(fake, generator):
+    # the Gemini API answers a wrong key with 400 INVALID_ARGUMENT + ErrorInfo reason API_KEY_INVALID
+    with pytest.raises(GenerationPermissionError, match="API key not valid") as info:
+        await _collect(generator.stream("[fake:invalid-key]"))
+    assert info.value.http_status == 400
+    assert _only(fake).status == 400
+
+
 async def test_http_429_maps_to_quota_error_without_retry(fake, generator):
     with pytest.raises(GenerationQuotaError, match="HTTP 429"):
         await _collect(generator.stream("[fake:status=429]"))
@@ -422,8 +430,10 @@ async def test_api_key_never_appears_in_logs_or_errors(fake, caplog):
     errors: list[BaseException] = []
     try:
         await _collect(gen.stream("fine"))
-        for prompt in ["[fake:status=401]", "[fake:status=400]", "[fake:status=500]", "[fake:break-after=1]"]:
-            with pytest.raises(Exception) as info:
+        failing = ["[fake:status=400]", "[fake:status=401]", "[fake:invalid-key]", "[fake:status=500]"]
+        for prompt in [*failing, "[fake:break-after=1]"]:
+            expected = (InvalidInputError, GenerationPermissionError, DependencyUnavailableError)
+            with pytest.raises(expected) as info:
                 await _collect(gen.stream(prompt))
             errors.append(info.value)
         with pytest.raises(DependencyUnavailableError) as info:
