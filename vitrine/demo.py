@@ -5,13 +5,21 @@
 3. Start the Triton encoder server and the retrieval service as child processes (free loopback ports).
 4. Ingest the data set over gRPC with a progress bar; search by English and Chinese text (phrasings unlike any
    training caption) and by an example image; print the top-10 with scores and precision@10; write a contact
-   sheet PNG per query; stop both servers.
+   sheet PNG per query.
+5. Generate one image from retrieved references with GenerateImages: against Gemini when
+   VITRINE_GENERATION__API_KEY is set, else against the local stand-in server tests/fake_gemini.py (said so).
+6. Stop every server.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -74,6 +82,66 @@ def demo_queries() -> list[tuple[str, int, str]]:
             ("zh", 7, zh[0].format(7)), ("zh", 2, zh[1].format(2))]
 
 
+GEMINI_STAND_IN_NOTE = ("no Gemini API key set (VITRINE_GENERATION__API_KEY): generating against the LOCAL "
+                        "STAND-IN tests/fake_gemini.py, which speaks Gemini's REST/SSE protocol and returns a "
+                        "collage of the reference images, not a real generation")
+
+
+@contextmanager
+def _gemini_for_demo(out: Path, console: Console) -> Iterator[dict[str, str]]:
+    """Yield env for the retrieval service: the real Gemini when a key is set, else the local fake server."""
+    if os.environ.get("VITRINE_GENERATION__API_KEY"):
+        console.print("generation: real Gemini API (VITRINE_GENERATION__API_KEY is set)")
+        yield {}
+        return
+    from vitrine.processes import Child, free_port  # noqa: PLC0415
+
+    port = free_port()
+    fake = Path(__file__).resolve().parents[1] / "tests" / "fake_gemini.py"
+    log_path = out / "logs" / "fake_gemini.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, str(fake), "--port", str(port)], stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    child = Child("fake-gemini", proc, log_path)
+    console.print(f"[yellow]{GEMINI_STAND_IN_NOTE}[/yellow] (port {port})")
+    try:
+        yield {"VITRINE_GENERATION__API_KEY": "local-stand-in-key",
+               "VITRINE_GENERATION__BASE_URL": f"http://127.0.0.1:{port}"}
+    finally:
+        child.stop()
+
+
+def _demo_generation(client, out: Path, console: Console) -> dict:  # noqa: ANN001
+    """One GenerateImages call: two references found by a Chinese query, the result saved as PNG."""
+    from vitrine.v1 import retrieval_service_pb2 as pb  # noqa: PLC0415
+
+    req = pb.GenerateImagesRequest(prompt="Turn this handwritten seven into a glowing neon sign on a brick wall",
+                                   reference_count=2,
+                                   reference_query=pb.ReferenceQuery(text="手写的阿拉伯数字7"))
+    t0 = time.perf_counter()
+    first_ms, images, texts, finished = None, [], [], None
+    for msg in client.stub.GenerateImages(req, timeout=120):
+        kind = msg.WhichOneof("event")
+        if kind != "references" and first_ms is None:
+            first_ms = (time.perf_counter() - t0) * 1e3
+        if kind == "references":
+            refs = ", ".join(f"{r.image.filename} ({r.score:.3f})" for r in msg.references.references)
+            console.print(f"generation references: {refs}")
+        elif kind == "text":
+            texts.append(msg.text.text)
+        elif kind == "image":
+            path = out / f"generated_{len(images)}{'.png' if msg.image.mime_type == 'image/png' else '.bin'}"
+            path.write_bytes(msg.image.data)
+            images.append(str(path))
+        else:
+            finished = msg.finished
+    console.print(f"generation: {''.join(texts)!r}; images {images}; finish {finished.finish_reason}; first part "
+                  f"after {first_ms:.1f} ms over gRPC")
+    return {"images": images, "text": "".join(texts), "finish_reason": finished.finish_reason,
+            "first_part_ms": first_ms, "total_ms": (time.perf_counter() - t0) * 1e3}
+
+
 def example_query_image(index: int = 0):  # noqa: ANN201
     """A digit from the train split (so not in the ingested held-out set) as PNG bytes: (DemoItem, bytes)."""
     import io  # noqa: PLC0415
@@ -103,11 +171,13 @@ def run_demo(*, out: Path, cache_dir: Path, console: Console) -> dict:
     prepared = prepare_demo(cache_dir, cache_dir / "demo" / "model_repository", cache_dir / "demo" / "dataset",
                             console=console)
     ports = Ports.free()
+    gemini = _gemini_for_demo(out, console)
     console.print(f"starting Triton encoder (gRPC :{ports.encoder_grpc}, HTTP :{ports.encoder_http}) and the "
                   f"retrieval service (:{ports.service}); Milvus Lite at {out / 'milvus.db'}")
     summary: dict = {"model_id": prepared.manifest.model_id, "queries": []}
-    with local_stack(prepared.repository, ports=ports, milvus_uri=str(out / "milvus.db"), blob_dir=out / "blobs",
-                     log_dir=out / "logs") as stack:
+    with gemini as service_env, local_stack(prepared.repository, ports=ports, milvus_uri=str(out / "milvus.db"),
+                                            blob_dir=out / "blobs", log_dir=out / "logs",
+                                            service_env=service_env) as stack:
         report = ingest_folder(stack.target, prepared.dataset)
         console.print(report.summary())
         summary["ingest"] = {"images": report.total, "seconds": report.seconds,
@@ -142,6 +212,7 @@ def run_demo(*, out: Path, cache_dir: Path, console: Console) -> dict:
             summary["search_p50_ms"] = median(latencies)
             console.print(f"search latency over gRPC (text, top_k 10): p50 {summary['search_p50_ms']:.1f} ms "
                           f"over {len(latencies)} queries")
+            summary["generation"] = _demo_generation(client, out, console)
     summary["wall_s"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     console.print(f"contact sheets and summary.json in {out}/; servers stopped. Demo took {summary['wall_s']:.1f} s")

@@ -112,8 +112,11 @@ def _wait(child: Child, ready, timeout_s: float) -> None:  # noqa: ANN001
 
 @contextmanager
 def local_stack(repository: Path, *, ports: Ports, milvus_uri: str, blob_dir: Path, log_dir: Path,
-                timeout_s: float = 180.0) -> Iterator[LocalStack]:
-    """Start encoder server + retrieval service, wait until SERVING, yield, then stop both (SIGTERM)."""
+                timeout_s: float = 180.0, service_env: dict[str, str] | None = None) -> Iterator[LocalStack]:
+    """Start encoder server + retrieval service, wait until SERVING, yield, then stop both (SIGTERM).
+
+    `service_env` adds environment variables (e.g. VITRINE_GENERATION__BASE_URL) to the retrieval service.
+    """
     import tritonclient.grpc as triton_grpc  # noqa: PLC0415
 
     from vitrine.client import VitrineClient  # noqa: PLC0415
@@ -136,7 +139,7 @@ def local_stack(repository: Path, *, ports: Ports, milvus_uri: str, blob_dir: Pa
         triton.close()
         svc = spawn("retrieval", ["serve", "--repository", str(repository), "--port", str(ports.service),
                                   "--encoder-url", f"127.0.0.1:{ports.encoder_grpc}", "--milvus-uri", milvus_uri,
-                                  "--blob-dir", str(blob_dir)], log_dir)
+                                  "--blob-dir", str(blob_dir)], log_dir, env=service_env)
         stack.children.append(svc)
         with VitrineClient(stack.target) as client:
             _wait(svc, lambda: _serving(client), timeout_s)
