@@ -257,6 +257,68 @@ def get(
 
 
 @app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="instruction for the image model")],
+    reference_query: Annotated[Optional[str], typer.Option(help="find references by this text")] = None,
+    reference_image: Annotated[Optional[Path], typer.Option(help="find references like this image")] = None,
+    reference_id: Annotated[Optional[list[str]], typer.Option(help="explicit reference id (repeatable)")] = None,
+    references: Annotated[int, typer.Option(help="how many references a query retrieves")] = 1,
+    filter: Annotated[str, typer.Option(help="Milvus filter for the reference query")] = "",
+    model: Annotated[str, typer.Option(help="Gemini model; default the service's")] = "",
+    temperature: Optional[float] = None,
+    seed: Optional[int] = None,
+    aspect_ratio: Optional[str] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for the generated files")] = Path(
+        "generated"),
+    stem: str = "generation",
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Generate images with Gemini from retrieved references; saves them and prints where."""
+    import grpc  # noqa: PLC0415
+
+    from vitrine.client import VitrineClient  # noqa: PLC0415
+    from vitrine.generate import generate_one  # noqa: PLC0415
+
+    options = {k: v for k, v in dict(temperature=temperature, seed=seed, aspect_ratio=aspect_ratio).items()
+               if v is not None}
+    with VitrineClient(target) as client:
+        try:
+            result = generate_one(client, prompt, reference_text=reference_query,
+                                  reference_image=reference_image.read_bytes() if reference_image else None,
+                                  reference_ids=reference_id or (), reference_count=references, filter=filter,
+                                  model=model, options=options, out_dir=output, stem=stem)
+        except grpc.RpcError as exc:
+            console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+            raise typer.Exit(2) from exc
+    for ref in result.references:
+        console.print(f"reference: {ref}")
+    if result.text:
+        console.print(f"text: {result.text}")
+    for path in result.images:
+        console.print(f"image: {path}")
+    state = f"blocked ({result.block_reason})" if result.blocked else result.finish_reason
+    console.print(f"finish: {state}; first part {result.first_part_ms:.0f} ms, total {result.total_ms:.0f} ms")
+    if result.blocked:
+        raise typer.Exit(1)
+
+
+@app.command("generate-batch")
+def generate_batch(
+    plan: Annotated[Path, typer.Argument(help="plan file, YAML or CSV (see vitrine/generate.py)")],
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("generated"),
+    concurrency: Annotated[Optional[int], typer.Option(help="calls in flight; default the plan's")] = None,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Run a generation plan (prompt template x rows x scenes): bounded concurrency, resumable, report file."""
+    from vitrine.generate import run_batch  # noqa: PLC0415
+
+    report = run_batch(target, plan, output, concurrency=concurrency)
+    console.print(f"{report.counts} in {report.wall_s:.1f} s; report: {report.report_json}, {report.report_csv}")
+    if report.counts.get("failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where results, contact sheets and the demo database go")] = Path(
         "demo_out"),
