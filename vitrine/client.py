@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,52 @@ class VitrineClient:
 
     def stats(self) -> pb.GetCollectionStatsResponse:
         return self.stub.GetCollectionStats(pb.GetCollectionStatsRequest())
+
+    def generate(self, prompt: str, *, reference_text: str | None = None,
+                 reference_image: bytes | None = None, reference_ids: Sequence[str] = (),
+                 reference_count: int = 0, filter: str = "", min_score: float | None = None, model: str = "",
+                 options: pb.GenerationOptions | None = None,
+                 timeout_s: float | None = None) -> Iterator[pb.GenerateImagesResponse]:
+        """GenerateImages: yield the stream's messages as they arrive (one `references`, then `text` / `image`
+        parts, then one `finished`; see the proto).
+
+        References come from at most one of `reference_text` / `reference_image` (encoded image bytes), each a
+        retrieval query taking `reference_count` images (0: the service default, 1) that pass `filter` and
+        `min_score`, or from `reference_ids` (stored image ids, in order); none of them: text-to-image. Not
+        retried (each call costs a Gemini request). Closing the generator early cancels the call, which
+        cancels the upstream Gemini stream.
+
+        Raises:
+            ValueError: more than one reference source, or `filter` / `min_score` without a reference query.
+            grpc.RpcError: the RPC's status (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
+                PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED after `timeout_s` s).
+        """
+        sources = (("reference_text", reference_text), ("reference_image", reference_image),
+                   ("reference_ids", list(reference_ids) or None))
+        given = [name for name, value in sources if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one reference source, got {' and '.join(given)}")
+        req = pb.GenerateImagesRequest(prompt=prompt, reference_count=reference_count, model=model,
+                                       options=options or pb.GenerationOptions())
+        if reference_text is not None or reference_image is not None:
+            query = pb.ReferenceQuery(filter=filter)
+            if reference_text is not None:
+                query.text = reference_text
+            else:
+                query.image = reference_image
+            if min_score is not None:
+                query.min_score = min_score
+            req.reference_query.CopyFrom(query)
+        elif filter or min_score is not None:
+            raise ValueError("filter and min_score apply only to a reference query "
+                             "(reference_text or reference_image)")
+        elif reference_ids:
+            req.reference_ids.image_ids.extend(reference_ids)
+        call = self.stub.GenerateImages(req, timeout=timeout_s)
+        try:
+            yield from call
+        finally:
+            call.cancel()  # no-op once the stream ended; cancels it when the caller stopped early
 
 
 def guess_suffix(mime_type: str) -> str:

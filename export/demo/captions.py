@@ -13,10 +13,18 @@ text, so the Chinese templates put the digit's name both at the end and in the m
 that they do not mean the digit one.
 
 Caption noise (`sample_caption`): during training a caption may get random filler words (English)
-or characters (Chinese, glued to the caption without spaces) before and/or after it, drawn from
-`FILLER_WORDS`, which hold no digit names and none of the words that only the evaluation phrasings
-use. Without it the text tower learns the positions the digit takes in the few training templates
-and does not recognise a Chinese digit name after an unseen prefix.
+or characters (Chinese, glued to the caption without spaces) before and/or after it. Without it
+the text tower learns the positions the digit takes in the few training templates and does not
+find a Chinese digit name after an unseen prefix. The hand-picked filler lists (`FILLER_WORDS`)
+hold no digit names and none of the words that only the evaluation phrasings use. The Chinese
+filler also draws from all CJK ideographs (U+4E00..U+9FA5) except number characters, with extra
+weight on those that share UTF-8 bytes with a digit's name: the byte-level tokenizer cuts a
+digit's name into two tokens that also occur inside other characters, and the model must see
+those other characters to learn that only the exact pair names the digit. (An earlier variant
+that also kept the evaluation-only characters out of these pools left, for example, 了 = E4 BA 86
+as the only never-seen "lead byte of 二/五 + other byte" pair, and "有人用笔写了七" then retrieved
+fives in some training runs.) So the evaluation phrasings are unseen as phrasings; their
+characters may have occurred as random noise, as any character of a user's query may have.
 """
 
 from __future__ import annotations
@@ -112,8 +120,8 @@ def _chinese_characters(templates: tuple[Template, ...]) -> set[str]:
     return {c for t in templates if t.language == "zh" for c in t.text.replace("{word}", "").replace("{numeral}", "")}
 
 
-# Characters that only the evaluation phrasings use: never used as filler, so that those phrasings
-# stay unseen.
+# Words / characters that only the evaluation phrasings use. The hand-picked filler lists below
+# leave them out, so that no training caption borrows the evaluation wording.
 EVALUATION_ONLY_CHARACTERS: frozenset[str] = frozenset(
     _chinese_characters(EVALUATION_TEMPLATES) - _chinese_characters(TRAINING_TEMPLATES)
 )
@@ -122,17 +130,14 @@ EVALUATION_ONLY_WORDS: frozenset[str] = frozenset(
     - {w for t in TRAINING_TEMPLATES if t.language == "en" for w in t.text.split()}
     - {"{word}", "{numeral}"}
 )
-# Number characters: Unicode numeric value (unicodedata.numeric, from the Unihan database:
-# 零一...九十百千万亿, financial 壹贰...) plus the non-numeric number words 两 / 俩 / 仨 / 幺.
+# Number characters: a Unicode numeric value (unicodedata.numeric, from the Unihan database:
+# 零〇一...九十百千万亿, financial 壹贰...) or one of the non-numeric number words 两 / 俩 / 仨 / 幺.
 _NUMBER_WORDS_ZH = frozenset("两俩仨幺")
 
 
-def _is_filler_character(char: str) -> bool:
-    return (
-        unicodedata.numeric(char, None) is None
-        and char not in _NUMBER_WORDS_ZH
-        and char not in EVALUATION_ONLY_CHARACTERS
-    )
+def is_number_character(char: str) -> bool:
+    """True when `char` names a number (see `_NUMBER_WORDS_ZH` and `unicodedata.numeric`)."""
+    return unicodedata.numeric(char, None) is not None or char in _NUMBER_WORDS_ZH
 
 
 # CJK ideographs (U+4E00..U+9FA5) that share the first two UTF-8 bytes, or the last byte, with a
@@ -144,10 +149,20 @@ _DIGIT_LEAD_BYTES = {d.encode()[:2] for d in DIGIT_WORDS["zh"]}
 _DIGIT_LAST_BYTES = {d.encode()[-1] for d in DIGIT_WORDS["zh"]}
 _IDEOGRAPHS = tuple(map(chr, range(0x4E00, 0x9FA6)))
 SAME_LEAD_CHARACTERS: tuple[str, ...] = tuple(
-    c for c in _IDEOGRAPHS if c.encode()[:2] in _DIGIT_LEAD_BYTES and _is_filler_character(c)
+    c for c in _IDEOGRAPHS if c.encode()[:2] in _DIGIT_LEAD_BYTES and not is_number_character(c)
 )
 SAME_LAST_BYTE_CHARACTERS: tuple[str, ...] = tuple(
-    c for c in _IDEOGRAPHS if c.encode()[-1] in _DIGIT_LAST_BYTES and _is_filler_character(c)
+    c for c in _IDEOGRAPHS if c.encode()[-1] in _DIGIT_LAST_BYTES and not is_number_character(c)
+)
+# Per digit name: the characters that share its first two bytes / its last byte. A "decoy" filler
+# puts one of each near each other without forming the digit: both tokens of the digit's name occur
+# in the caption, but not as the adjacent pair, and the caption is about another digit.
+_DECOYS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = tuple(
+    (
+        tuple(c for c in SAME_LEAD_CHARACTERS if c.encode()[:2] == d.encode()[:2]),
+        tuple(c for c in SAME_LAST_BYTE_CHARACTERS if c.encode()[-1] == d.encode()[-1]),
+    )
+    for d in DIGIT_WORDS["zh"]
 )
 # Filler items: English words, common Chinese characters and measure-word phrases. None names a
 # digit (一 only inside 一张 / 一个 / 一幅, "a") or is a word that only the evaluation phrasings use.
@@ -167,7 +182,7 @@ FILLER_WORDS: dict[Language, tuple[str, ...]] = {
             "这那是个图片像照上下左右中里在和好大小黑白色画面纸页格看见很真新旧清楚字样式号码幅的"
             "灰暗亮粗细整齐潦草简单漂亮符形状位置标记张单独它我你"
         )
-        if _is_filler_character(c)
+        if not is_number_character(c) and c not in EVALUATION_ONLY_CHARACTERS
     )
     + ("一张", "一个", "一幅"),
 }
@@ -179,19 +194,29 @@ def _filler(language: Language, rng: random.Random, max_items: int) -> str:
         return " ".join(rng.choice(FILLER_WORDS["en"]) for _ in range(count))
     items = []
     for _ in range(count):
-        kind = rng.randrange(4)  # a common character, a digit's byte neighbour (2 kinds), any ideograph
+        kind = rng.randrange(5)  # common, two kinds of byte neighbour, any ideograph, decoy pair
         if kind == 0:
             items.append(rng.choice(FILLER_WORDS["zh"]))
         elif kind == 1:
             items.append(rng.choice(SAME_LEAD_CHARACTERS))
         elif kind == 2:
             items.append(rng.choice(SAME_LAST_BYTE_CHARACTERS))
+        elif kind == 3:
+            items.append(_random_ideograph(rng))
         else:
-            char = chr(rng.randint(0x4E00, 0x9FA5))
-            while not _is_filler_character(char):
-                char = chr(rng.randint(0x4E00, 0x9FA5))
-            items.append(char)
+            same_lead, same_last = rng.choice(_DECOYS)
+            pair = [rng.choice(same_lead), rng.choice(same_last)]
+            rng.shuffle(pair)
+            middle = _random_ideograph(rng) if rng.random() < 0.5 else ""
+            items.append(pair[0] + middle + pair[1])
     return "".join(items)
+
+
+def _random_ideograph(rng: random.Random) -> str:
+    char = rng.choice(_IDEOGRAPHS)
+    while is_number_character(char):
+        char = rng.choice(_IDEOGRAPHS)
+    return char
 
 
 def sample_caption(
@@ -204,9 +229,9 @@ def sample_caption(
 ) -> str:
     """A random training caption for digit `label`: a random template from `templates`, and, each
     with probability `filler_probability`, 1..`max_filler` filler items before and after it
-    (English: words joined by spaces; Chinese: characters glued on without spaces, drawn 1/4 each
-    from `FILLER_WORDS["zh"]`, `SAME_LEAD_CHARACTERS`, `SAME_LAST_BYTE_CHARACTERS` and all CJK
-    ideographs U+4E00..U+9FA5, never number characters or `EVALUATION_ONLY_CHARACTERS`).
+    (English: words joined by spaces, from `FILLER_WORDS["en"]`; Chinese: characters without
+    spaces, 1/5 each from `FILLER_WORDS["zh"]`, `SAME_LEAD_CHARACTERS`, `SAME_LAST_BYTE_CHARACTERS`,
+    all CJK ideographs U+4E00..U+9FA5, and decoy pairs (see `_DECOYS`); never a number character).
 
     Deterministic for a given `rng` state.
 
@@ -221,9 +246,12 @@ def sample_caption(
         raise ValueError(f"max_filler must be >= 1, got {max_filler}")
     template = rng.choice(templates)
     caption = template.format(label)
-    sep = " " if template.language == "en" else ""
+    en = template.language == "en"
     if rng.random() < filler_probability:
-        caption = _filler(template.language, rng, max_filler) + sep + caption
+        caption = _filler(template.language, rng, max_filler) + (" " if en else "") + caption
     if rng.random() < filler_probability:
+        # Chinese: glued on half of the time, else after a space or a full-width comma, so that a
+        # digit name at the end of the caption keeps its end-of-word token as often as not
+        sep = " " if en else rng.choice(("", "", " ", "，"))
         caption = caption + sep + _filler(template.language, rng, max_filler)
     return caption

@@ -71,22 +71,24 @@ class Recipe:
         max_scale_delta: random zoom factor in [1 - max_scale_delta, 1 + max_scale_delta].
         ema_decay: decay of the exponential moving average of the weights that is kept as the result
             (0 keeps the last iterate).
+        image_loss_weight: weight of the image-image supervised contrastive term (0: off).
         seed: seeds model initialisation, shuffling, caption choice and shifts.
         num_threads: `torch.set_num_threads` during training and evaluation.
     """
 
     epochs: int = 60
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     captions_per_image: int = 2
-    filler_probability: float = 0.5
+    filler_probability: float = 0.8
     max_filler: int = 4
     max_shift_px: float = 2.0
     max_rotation_deg: float = 10.0
     max_scale_delta: float = 0.1
     ema_decay: float = 0.995
+    image_loss_weight: float = 0.5
     seed: int = 0
     num_threads: int = 2
 
@@ -214,6 +216,23 @@ def _soft_clip_loss(
     i2t = -(same / same.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
     t2i = -(same.T / same.T.sum(1, keepdim=True) * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     return (i2t + t2i) / 2
+
+
+def _soft_image_loss(image_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Supervised contrastive loss among the images of a batch (Khosla et al. 2020, "SupCon").
+
+    image_emb float [B, D] (L2-normalised), labels int64 [B]: each image's softmax over the other
+    images should put uniform mass on those of the same digit; images without such a partner in
+    the batch are skipped.
+    """
+    logits = logit_scale * image_emb @ image_emb.T
+    eye = torch.eye(len(labels), dtype=torch.bool)
+    logits = logits.masked_fill(eye, -math.inf)
+    same = ((labels[:, None] == labels[None, :]) & ~eye).to(logits.dtype)
+    count = same.sum(1)
+    keep = count > 0
+    log_p = F.log_softmax(logits, dim=1).masked_fill(eye, 0.0)
+    return -((same * log_p).sum(1)[keep] / count[keep]).mean()
 
 
 def _random_affine(
@@ -357,7 +376,10 @@ def train(recipe: Recipe = DEFAULT_RECIPE, *, progress: bool = True) -> tuple[op
                 tokens = _sample_tokens(y, pools, tokenizer, caption_rng, recipe)
                 image_emb = model.encode_image(images, normalize=True)
                 text_emb = encode_text_bucketed(model, torch.cat(tokens))
-                loss = _soft_clip_loss(image_emb, text_emb, y, y.repeat(len(pools)), model.logit_scale.exp())
+                scale = model.logit_scale.exp()
+                loss = _soft_clip_loss(image_emb, text_emb, y, y.repeat(len(pools)), scale)
+                if recipe.image_loss_weight > 0:
+                    loss = loss + recipe.image_loss_weight * _soft_image_loss(image_emb, y, scale)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
