@@ -2,9 +2,9 @@
 
 A template is a format string with `{word}` (the digit's name: "seven", "七") and/or `{numeral}`
 (the Arabic numeral: "7"). `TRAINING_TEMPLATES` are what the model is trained on;
-`EVALUATION_TEMPLATES` are held-out phrasings that match no training template (and avoid the
-words that make them distinctive, such as "scan", "wrote", "扫描", "阿拉伯"), used to check that
-retrieval generalises to wording the model never saw.
+`EVALUATION_TEMPLATES` are held-out phrasings that match no training template (their distinctive
+words, such as "scan", "wrote", "扫描", "阿拉伯", occur in no training template or filler list),
+used to check that retrieval generalises to wording the model never saw.
 
 Chinese note: the CLIP BPE tokenizer splits CJK text into UTF-8 byte tokens, and a character at
 the end of a word gets a different (`</w>`) token than the same character followed by more CJK
@@ -117,7 +117,8 @@ def training_captions(label: int) -> list[str]:
 
 
 def _chinese_characters(templates: tuple[Template, ...]) -> set[str]:
-    return {c for t in templates if t.language == "zh" for c in t.text.replace("{word}", "").replace("{numeral}", "")}
+    texts = (t.text.replace("{word}", "").replace("{numeral}", "") for t in templates if t.language == "zh")
+    return {c for text in texts for c in text}
 
 
 # Words / characters that only the evaluation phrasings use. The hand-picked filler lists below
@@ -157,7 +158,7 @@ SAME_LAST_BYTE_CHARACTERS: tuple[str, ...] = tuple(
 # Per digit name: the characters that share its first two bytes / its last byte. A "decoy" filler
 # puts one of each near each other without forming the digit: both tokens of the digit's name occur
 # in the caption, but not as the adjacent pair, and the caption is about another digit.
-_DECOYS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = tuple(
+DECOY_CHARACTERS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = tuple(
     (
         tuple(c for c in SAME_LEAD_CHARACTERS if c.encode()[:2] == d.encode()[:2]),
         tuple(c for c in SAME_LAST_BYTE_CHARACTERS if c.encode()[-1] == d.encode()[-1]),
@@ -204,7 +205,7 @@ def _filler(language: Language, rng: random.Random, max_items: int) -> str:
         elif kind == 3:
             items.append(_random_ideograph(rng))
         else:
-            same_lead, same_last = rng.choice(_DECOYS)
+            same_lead, same_last = rng.choice(DECOY_CHARACTERS)
             pair = [rng.choice(same_lead), rng.choice(same_last)]
             rng.shuffle(pair)
             middle = _random_ideograph(rng) if rng.random() < 0.5 else ""
@@ -231,7 +232,8 @@ def sample_caption(
     with probability `filler_probability`, 1..`max_filler` filler items before and after it
     (English: words joined by spaces, from `FILLER_WORDS["en"]`; Chinese: characters without
     spaces, 1/5 each from `FILLER_WORDS["zh"]`, `SAME_LEAD_CHARACTERS`, `SAME_LAST_BYTE_CHARACTERS`,
-    all CJK ideographs U+4E00..U+9FA5, and decoy pairs (see `_DECOYS`); never a number character).
+    all CJK ideographs U+4E00..U+9FA5 and decoy pairs (`DECOY_CHARACTERS`); never a number
+    character).
 
     Deterministic for a given `rng` state.
 

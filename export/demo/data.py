@@ -113,10 +113,11 @@ def load_split(split: Split) -> list[DemoItem]:
         ValueError: unknown split.
     """
     _, labels = _digits()
-    return [
-        DemoItem(source_index=int(i), label=int(labels[i]), split=split, filename=digit_filename(int(i), int(labels[i])))
-        for i in split_indices(split)
-    ]
+    items = []
+    for index in split_indices(split).tolist():
+        label = int(labels[index])
+        items.append(DemoItem(index, label, split, digit_filename(index, label)))
+    return items
 
 
 def render_digit(pixels: np.ndarray) -> Image.Image:
@@ -153,6 +154,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

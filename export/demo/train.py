@@ -1,21 +1,27 @@
 """Train (once) and evaluate the demo CLIP `vitrine-digits-tiny` on the digits data set.
 
-Recipe (`Recipe`, defaults measured on 2 CPU cores): AdamW (lr 5e-4, no weight decay, betas
-(0.9, 0.98), eps 1e-6 as in the CLIP paper), linear warm-up then cosine decay, batch 128, seeded and
-in a fixed order. Each step pairs every image with `captions_per_image` captions drawn at random
-from `captions.TRAINING_TEMPLATES` for its label, and optimises a class-aware soft contrastive
-loss: the CLIP loss (Radford et al. 2021, symmetric cross-entropy over cosine-similarity logits
-times a learned temperature) with the one-hot targets replaced by a uniform distribution over all
-pairs of the same digit, because two captions of the same digit are both right.
+Recipe (`Recipe`; defaults tuned on 2 CPU cores): AdamW (lr 5e-4, no weight decay, betas
+(0.9, 0.98), eps 1e-6 as in the CLIP paper, fused kernel), linear warm-up then cosine decay,
+60 epochs of batch 64, seeded and in a fixed order; the weights kept are an exponential moving
+average (decay 0.995) of the iterates. Each step pairs every image with one English and one
+Chinese caption drawn by `captions.sample_caption` (a random training template, often with random
+filler around it) and optimises
+- a class-aware soft contrastive loss: the CLIP loss (Radford et al. 2021, symmetric cross-entropy
+  over cosine-similarity logits times a learned temperature) with the one-hot targets replaced by a
+  uniform distribution over all pairs of the same digit, because two captions of the same digit
+  are both right; plus
+- 0.5 x a supervised contrastive loss among the batch's images (Khosla et al. 2020), which makes
+  image-to-image neighbours share the digit.
 
 Training inputs go through the serving path: `data.render_digit` -> open_clip's eval transform
 (resize shortest side bicubic, center crop 32 px, normalize), pre-computed once; the only
-augmentation is a small random rotation, zoom and shift (`_random_affine`) with paper
-colour filling the border.
+augmentation is a small random rotation, zoom and shift (`_random_affine`) with paper colour
+filling the border. Text is encoded on length-sorted buckets trimmed to their longest caption
+(`encode_text_bucketed`, exact for a causal text tower that pools at <eot>).
 
 `ensure_checkpoint` caches the result under `<cache_dir>/demo/` keyed by a hash of the model config
-JSON, the recipe, the data split, the rendering and the training captions; the checkpoint is a plain
-`state_dict` saved with `torch.save`, loadable by
+JSON, the recipe, the data split, the training code and the caption templates; the checkpoint is a
+plain `state_dict` saved with `torch.save`, loadable by
 `open_clip.create_model("vitrine-digits-tiny", pretrained=str(path))`.
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -43,7 +50,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from export.demo import MODEL_CONFIG_PATH, MODEL_NAME, register_model_config
-from export.demo.captions import EVALUATION_TEMPLATES, TRAINING_TEMPLATES, sample_caption
+from export.demo import captions
+from export.demo.captions import EVALUATION_TEMPLATES, TRAINING_TEMPLATES, Template, sample_caption
 from export.demo.data import RENDER_SIZE, Split, load_digit_arrays, load_split, render_digit, split_indices
 
 CACHE_SUBDIR = "demo"
@@ -116,16 +124,42 @@ def cache_key(recipe: Recipe = DEFAULT_RECIPE) -> str:
     """sha256 (hex) of everything that determines the trained weights.
 
     Ingredients: the parsed model config JSON, `recipe`, the train split's source indices, the
-    rendering size, the training caption templates and `CACHE_FORMAT`.
+    training templates and filler pools, the source code of the functions that sample captions,
+    render digits and train, and `CACHE_FORMAT`. (Editing one of those functions, docstring
+    included, retrains once.)
     """
+    code = [
+        inspect.getsource(f)
+        for f in (
+            captions.Template.format,
+            captions.sample_caption,
+            captions._filler,
+            captions._random_ideograph,
+            render_digit,
+            train,
+            _random_affine,
+            _soft_clip_loss,
+            _soft_image_loss,
+            _sample_tokens,
+            encode_text_trimmed,
+        )
+    ]
+    caption_data = {
+        "templates": [[t.language, t.text] for t in TRAINING_TEMPLATES],
+        "filler": captions.FILLER_WORDS,
+        "same_lead": captions.SAME_LEAD_CHARACTERS,
+        "same_last_byte": captions.SAME_LAST_BYTE_CHARACTERS,
+        "decoys": captions.DECOY_CHARACTERS,
+        "digit_words": captions.DIGIT_WORDS,
+    }
     payload = {
         "format": CACHE_FORMAT,
         "model_name": MODEL_NAME,
         "model_config": json.loads(MODEL_CONFIG_PATH.read_text()),
         "recipe": asdict(recipe),
         "train_indices": split_indices("train").tolist(),
-        "render_size": RENDER_SIZE,
-        "templates": [[t.language, t.text] for t in TRAINING_TEMPLATES],
+        "captions": caption_data,
+        "code_sha256": hashlib.sha256("\n".join(code).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -145,11 +179,15 @@ def read_checkpoint_info(checkpoint: Path | str) -> dict[str, Any]:
     """
     path = Path(checkpoint).with_suffix(".json")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {checkpoint} is not a checkpoint written by ensure_checkpoint")
+        raise FileNotFoundError(
+            f"{path} not found: {checkpoint} is not a checkpoint written by ensure_checkpoint"
+        )
     return json.loads(path.read_text())
 
 
-def _cached(cache_dir: Path | str, recipe: Recipe) -> Path | None:
+def cached_checkpoint(cache_dir: Path | str, recipe: Recipe = DEFAULT_RECIPE) -> Path | None:
+    """The cached checkpoint for `recipe` under `cache_dir`, or None when there is no complete entry
+    (checkpoint and JSON both present, the JSON recording the full `cache_key(recipe)`)."""
     checkpoint, info_path = checkpoint_paths(cache_dir, recipe)
     if not (checkpoint.is_file() and info_path.is_file()):
         return None
@@ -166,6 +204,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -179,7 +218,7 @@ def create_demo_model(
 
     Returns:
         (model in eval mode, eval preprocess PIL -> float32 [3, 32, 32], tokenizer
-        list[str] -> int64 [N, 32]).
+        list[str] -> int64 [N, 77]).
 
     Raises:
         RuntimeError: `pretrained` is not a file or does not match the architecture (open_clip).
@@ -192,7 +231,10 @@ def create_demo_model(
     return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
 
 
-def _preprocess_split(preprocess: Callable[[Image.Image], torch.Tensor], split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+def _preprocess_split(
+    preprocess: Callable[[Image.Image], torch.Tensor], split: Split
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 [N, 3, H, W] model inputs, int64 [N] labels) of `split`: render_digit -> preprocess."""
     images, labels = load_digit_arrays()
     indices = split_indices(split)
     pixels = torch.stack([preprocess(render_digit(images[i])) for i in indices])
@@ -218,7 +260,9 @@ def _soft_clip_loss(
     return (i2t + t2i) / 2
 
 
-def _soft_image_loss(image_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def _soft_image_loss(
+    image_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Supervised contrastive loss among the images of a batch (Khosla et al. 2020, "SupCon").
 
     image_emb float [B, D] (L2-normalised), labels int64 [B]: each image's softmax over the other
@@ -256,7 +300,8 @@ def _random_affine(
     )  # [B, 2, 3]
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
     fill = paper.view(1, c, 1, 1)
-    return F.grid_sample(batch - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    moved = F.grid_sample(batch - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return moved + fill
 
 
 def encode_text_trimmed(model: open_clip.CLIP, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -295,7 +340,7 @@ def encode_text_bucketed(model: open_clip.CLIP, tokens: torch.Tensor, bucket_siz
 
 def _sample_tokens(
     labels: torch.Tensor,
-    pools: list[tuple],
+    pools: list[tuple[Template, ...]],
     tokenizer: open_clip.tokenizer.SimpleTokenizer,
     rng: random.Random,
     recipe: "Recipe",
@@ -321,7 +366,8 @@ def train(recipe: Recipe = DEFAULT_RECIPE, *, progress: bool = True) -> tuple[op
     """Train `vitrine-digits-tiny` from scratch on the train split (deterministic for a given recipe).
 
     Returns:
-        (model in eval mode, stats {"train_seconds", "steps", "final_loss", "epoch_losses"}).
+        (model in eval mode, stats {"train_seconds" (wall clock), "train_cpu_seconds" (CPU time of
+        this process, all threads), "steps", "final_loss", "epoch_losses"}).
     """
     with _torch_threads(recipe.num_threads):
         torch.manual_seed(recipe.seed)
@@ -364,7 +410,7 @@ def train(recipe: Recipe = DEFAULT_RECIPE, *, progress: bool = True) -> tuple[op
             else None
         )
         model.train()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         epoch_losses: list[float] = []
         bar = tqdm(range(recipe.epochs), desc=f"training {MODEL_NAME}", unit="epoch", disable=not progress)
         for _ in bar:
@@ -392,18 +438,22 @@ def train(recipe: Recipe = DEFAULT_RECIPE, *, progress: bool = True) -> tuple[op
             epoch_losses.append(running / len(labels))
             bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
         train_seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - start_cpu
         if ema is not None:
             model.load_state_dict(ema.module.state_dict())
         model.eval()
     return model, {
         "train_seconds": round(train_seconds, 2),
+        "train_cpu_seconds": round(cpu_seconds, 2),
         "steps": total_steps,
         "final_loss": epoch_losses[-1],
         "epoch_losses": [round(x, 5) for x in epoch_losses],
     }
 
 
-def _precision_at_k(scores: torch.Tensor, query_labels: torch.Tensor, item_labels: torch.Tensor, k: int) -> torch.Tensor:
+def _precision_at_k(
+    scores: torch.Tensor, query_labels: torch.Tensor, item_labels: torch.Tensor, k: int
+) -> torch.Tensor:
     """float [Q]: fraction of the top-k items (by score, float [Q, N]) whose label equals the query's."""
     top = scores.topk(k, dim=1).indices  # [Q, k]
     return (item_labels[top] == query_labels[:, None]).float().mean(1)
@@ -447,7 +497,8 @@ def evaluate(
         pixels, item_labels = _preprocess_split(preprocess, split)
         image_emb = torch.cat([model.encode_image(chunk, normalize=True) for chunk in pixels.split(256)])
 
-        templates = [(t, "training") for t in TRAINING_TEMPLATES] + [(t, "evaluation") for t in EVALUATION_TEMPLATES]
+        templates = [(t, "training") for t in TRAINING_TEMPLATES]
+        templates += [(t, "evaluation") for t in EVALUATION_TEMPLATES]
         queries = [(t, kind, label) for t, kind in templates for label in range(10)]
         tokens = tokenizer([t.format(label) for t, _, label in queries])
         text_emb = torch.cat([model.encode_text(chunk, normalize=True) for chunk in tokens.split(256)])
@@ -472,7 +523,9 @@ def evaluate(
     ]
     per_template: list[dict[str, Any]] = []
     for t, kind in templates:
-        values = [q["precision"] for q in text_queries if q["template"] == t.text and q["language"] == t.language]
+        values = [
+            q["precision"] for q in text_queries if q["template"] == t.text and q["language"] == t.language
+        ]
         per_template.append(
             {
                 "template": t.text,
@@ -504,7 +557,9 @@ def evaluate(
     }
 
 
-def ensure_checkpoint(cache_dir: Path | str, *, progress: bool = True, recipe: Recipe = DEFAULT_RECIPE) -> Path:
+def ensure_checkpoint(
+    cache_dir: Path | str, *, progress: bool = True, recipe: Recipe = DEFAULT_RECIPE
+) -> Path:
     """Path of the trained demo checkpoint, training it first unless a matching one is cached.
 
     The cache lives in `<cache_dir>/demo/<model>-<key[:16]>.pt` (+ `.json`): `key = cache_key(recipe)`.
@@ -520,7 +575,7 @@ def ensure_checkpoint(cache_dir: Path | str, *, progress: bool = True, recipe: R
     Raises:
         OSError: `cache_dir` cannot be created or written.
     """
-    cached = _cached(cache_dir, recipe)
+    cached = cached_checkpoint(cache_dir, recipe)
     if cached is not None:
         return cached
     checkpoint, info_path = checkpoint_paths(cache_dir, recipe)
