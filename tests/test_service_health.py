@@ -20,7 +20,6 @@ from vitrine.processes import free_port, spawn
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -45,6 +44,7 @@ def tiny_png() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_health_follows_the_encoder(demo, tmp_path):
     encoder_port = free_port()
     settings = Settings(model_repository=demo.repository, encoder_url=f"127.0.0.1:{encoder_port}",
@@ -92,6 +92,7 @@ async def test_health_follows_the_encoder(demo, tmp_path):
         await server.stop(grace_s=1)
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_unreachable_milvus_is_unavailable_and_not_serving(demo, encoder_server, tmp_path):
     settings = Settings(model_repository=demo.repository, encoder_url=encoder_server.grpc_url,
                         milvus_uri=f"http://127.0.0.1:{free_port()}", blob_dir=tmp_path / "blobs", port=0,
