@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/vitrine/v1/*.proto)
 GEN    := vitrine/v1/.generated
 
-.PHONY: setup proto demo test bench clean
+.PHONY: setup proto demo test clean
 
 setup: $(STAMP) $(GEN)
 
@@ -31,9 +31,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
-
-bench: setup
-	$(VENV)/bin/vitrine bench all --short
 
 clean:
 	rm -rf vitrine/v1 .cache demo_out var .pytest_cache
