@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput, model_config_pb2, service_pb2
-from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
+from retrieval_service.triton_channel import TritonChannel
 from vitrine.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _describe_error(exc: InferenceServerException) -> str:
     return f"{exc.status() or 'error'}: {exc.message()}"
 
 
-class EncoderClient:
+class EncoderClient(TritonChannel):
     """Async client of the image and text towers served by Triton.
 
     Args:
@@ -78,7 +78,7 @@ class EncoderClient:
     def __init__(self, url: str, manifest: Manifest, *, timeout_s: float = 30.0) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.url = url
+        super().__init__(url)
         self.manifest = manifest
         self.timeout_s = float(timeout_s)
         height, width = manifest.image.size
@@ -98,7 +98,6 @@ class EncoderClient:
             triton_dtype="INT64",
             input_shape=(manifest.text.context_length,),
         )
-        self._client: InferenceServerClient | None = None
         self._checked: dict[str, _Tower] = {}
         self._check_lock: asyncio.Lock | None = None
 
@@ -184,23 +183,9 @@ class EncoderClient:
             raise EncoderError(f"encoder at {self.url} has no statistics for model {name!r}")
         return response.model_stats[0]
 
-    async def close(self) -> None:
-        """Close the gRPC channel (idempotent); the next call opens a new one."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
 
-    async def __aenter__(self) -> EncoderClient:
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.close()
 
     # --------------------------------------------------------------------------------------- internals
-    def _get_client(self) -> InferenceServerClient:
-        if self._client is None:
-            self._client = InferenceServerClient(self.url)
-        return self._client
 
     def _translate(
         self, exc: InferenceServerException, what: str, *, gone_is_down: bool = False

@@ -62,10 +62,11 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tritonclient.grpc import InferInput, InferRequestedOutput, model_config_pb2
-from tritonclient.grpc.aio import InferenceServerClient
+
 from tritonclient.utils import InferenceServerException
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
+from retrieval_service.triton_channel import TritonChannel
 from retrieval_service.vector_store import MILVUS_MAX_WINDOW, Hit
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,7 @@ class RerankerError(RuntimeError):
     """The Triton reranker answered, but not as the interface requires (config mismatch, bad output)."""
 
 
-class ModelReranker:
+class ModelReranker(TritonChannel):
     """Async client of a reranker model served by Triton (interface in the module docstring).
 
     Args:
@@ -356,10 +357,9 @@ class ModelReranker:
             raise ValueError("model_name must not be empty")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.url = url
+        super().__init__(url)
         self.model_name = model_name
         self.timeout_s = float(timeout_s)
-        self._client: InferenceServerClient | None = None
         self._config: tuple[int, int] | None = None  # (max_batch_size, dim or -1)
         self._config_lock: asyncio.Lock | None = None
 
@@ -451,23 +451,9 @@ class ModelReranker:
             self._config = None
             return False
 
-    async def close(self) -> None:
-        """Close the gRPC channel (idempotent); the next call opens a new one."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
 
-    async def __aenter__(self) -> ModelReranker:
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.close()
 
     # ----------------------------------------------------------------------------------- internals
-    def _get_client(self) -> InferenceServerClient:
-        if self._client is None:
-            self._client = InferenceServerClient(self.url)
-        return self._client
 
     def _translate(self, exc: InferenceServerException, what: str) -> Exception:
         detail = f"{exc.status() or 'error'}: {exc.message()}"
