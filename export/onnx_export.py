@@ -47,7 +47,7 @@ from export import parity as parity_mod
 from export.loading import LoadedModel, load_open_clip
 from export.tokenizer_json import write_tokenizer_json
 from export.towers import ImageTower, TextTower
-from export.triton_config import TensorSpec, build_model_config, write_model_config
+from export.triton_config import TensorSpec, build_model_config, check_batching, write_model_config
 from vitrine.manifest import MANIFEST_FILE, TOKENIZER_FILE, Manifest, TowerParity
 from vitrine.manifest import ImageTower as ImageTowerSpec
 from vitrine.manifest import TextTower as TextTowerSpec
@@ -80,15 +80,10 @@ def _validate(
             "precision='fp16' is GPU-only (--gpu): ONNX Runtime's CPU provider crashes on fp16 graphs at its "
             "default optimization level and has few fp16 CPU kernels; export fp32 for CPU serving"
         )
-    if max_batch_size < 1:
-        raise ExportError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    bad = [b for b in preferred_batch_sizes if not 1 <= int(b) <= max_batch_size]
-    if bad:
-        raise ExportError(f"preferred_batch_sizes {bad} must lie in 1..max_batch_size ({max_batch_size})")
-    if max_queue_delay_microseconds < 0:
-        raise ExportError(f"max_queue_delay_microseconds must be >= 0, got {max_queue_delay_microseconds}")
-    if instance_count < 1:
-        raise ExportError(f"instance_count must be >= 1, got {instance_count}")
+    try:  # the same checks build_model_config runs, before minutes of export rather than after
+        check_batching(max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds, instance_count)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
     if not 14 <= opset <= 20:  # 14: first opset with the ops these towers need; 20: newest tested
         raise ExportError(f"opset must be in 14..20, got {opset}")
 

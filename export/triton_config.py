@@ -44,6 +44,27 @@ class TensorSpec:
             raise ValueError(f"unknown Triton data type {self.data_type!r} for tensor {self.name!r}") from exc
 
 
+def check_batching(max_batch_size: int, preferred_batch_sizes: Sequence[int], max_queue_delay_microseconds: int,
+                   instance_count: int) -> list[int]:
+    """Validate the batching settings of a model config; return the preferred sizes sorted, without repeats.
+
+    Raises:
+        ValueError: max_batch_size < 1, a preferred batch size outside 1..max_batch_size, a negative queue delay
+            (microseconds) or instance_count < 1; the message names the setting.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    preferred = sorted(set(int(b) for b in preferred_batch_sizes))
+    bad = [b for b in preferred if not 1 <= b <= max_batch_size]
+    if bad:
+        raise ValueError(f"preferred_batch_sizes {bad} are outside 1..max_batch_size ({max_batch_size})")
+    if max_queue_delay_microseconds < 0:
+        raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {max_queue_delay_microseconds}")
+    if instance_count < 1:
+        raise ValueError(f"instance_count must be >= 1, got {instance_count}")
+    return preferred
+
+
 def build_model_config(
     name: str,
     *,
@@ -70,16 +91,7 @@ def build_model_config(
     """
     if not name:
         raise ValueError("model name must not be empty")
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    preferred = sorted(set(int(b) for b in preferred_batch_sizes))
-    bad = [b for b in preferred if not 1 <= b <= max_batch_size]
-    if bad:
-        raise ValueError(f"preferred batch sizes {bad} are outside 1..max_batch_size ({max_batch_size})")
-    if max_queue_delay_microseconds < 0:
-        raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {max_queue_delay_microseconds}")
-    if instance_count < 1:
-        raise ValueError(f"instance_count must be >= 1, got {instance_count}")
+    preferred = check_batching(max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds, instance_count)
 
     config = mc.ModelConfig(
         name=name,
