@@ -102,7 +102,9 @@ class RetrievalServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ]
-        self.grpc_server = grpc.aio.server(options=options)
+        # Server interceptors, outermost first (e.g. metrics, then auth).
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_RetrievalServiceServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.grpc_server)
         reflection.enable_server_reflection(

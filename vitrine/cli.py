@@ -15,8 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vitrine.bench.cli import bench_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
+app.add_typer(bench_app, name="bench")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 Target = Annotated[str, typer.Option("--target", "-t", help="retrieval service host:port", envvar="VITRINE_TARGET")]
