@@ -1,0 +1,131 @@
+"""Turn benchmark results (`<out_dir>/*.json` from `vitrine.bench.report.write_result`) into docs/benchmarks.md.
+
+The page is regenerated, never hand-edited: a machine description, then one section per tool with its
+targets (met or missed, by how much), the measured rows, the plots (copied next to the page) and the notes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vitrine.bench.report import BenchResult, Target, read_result
+
+# Section order on the page; results with other names follow in name order.
+ORDER = ("encoder", "search", "ingest", "scale", "quantization")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if value == 0:
+            return "0"
+        magnitude = abs(value)
+        if magnitude >= 100:
+            return f"{value:,.0f}"
+        if magnitude >= 1:
+            return f"{value:.2f}".rstrip("0").rstrip(".")
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value).replace("|", "\\|")
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def _target_line(target: Target) -> dict[str, Any]:
+    relation = "≥" if target.higher_is_better else "≤"
+    if target.met:
+        verdict = "met"
+    else:
+        gap = (target.goal - target.value) if target.higher_is_better else (target.value - target.goal)
+        verdict = f"missed by {_fmt(float(gap))}" + (f" ({abs(gap) / abs(target.goal):.0%})" if target.goal else "")
+    return {"target": target.name, "measured": float(target.value), "goal": f"{relation} {_fmt(float(target.goal))}",
+            "result": verdict, "what bounds it": target.note}
+
+
+def machine_section(result: BenchResult) -> list[str]:
+    """Markdown lines describing the machine `result` ran on."""
+    m = result.machine
+    gpus = ", ".join(m.get("gpus") or []) or "none"
+    return [
+        "## Machine",
+        "",
+        f"- CPU: {m.get('cpu')}, {m.get('cores')} usable cores, {m.get('ram_gib')} GiB RAM; GPU: {gpus}",
+        f"- {m.get('os')}, Python {m.get('python')}",
+        f"- ONNX Runtime {m.get('onnxruntime')} (providers: {', '.join(m.get('ort_providers') or [])}), "
+        f"nvidia-pytriton {m.get('nvidia-pytriton')}, tritonclient {m.get('tritonclient')}, "
+        f"pymilvus {m.get('pymilvus')}, milvus-lite {m.get('milvus-lite')}, numpy {m.get('numpy')}",
+        "",
+    ]
+
+
+def result_section(result: BenchResult, plot_prefix: str) -> list[str]:
+    """Markdown lines for one tool: heading, config, targets, rows, plots (as `plot_prefix + name`), notes."""
+    lines = [f"## {result.title}", "", f"Run {result.started_at}. Settings: "
+             + "; ".join(f"{k} = {_fmt(v)}" for k, v in result.config.items()), ""]
+    if result.targets:
+        lines += ["### Targets", "", *_table([_target_line(t) for t in result.targets]), ""]
+    if result.rows:
+        lines += ["### Measured", "", *_table(result.rows), ""]
+    lines += [f"![{result.name} {plot}]({plot_prefix}{plot})" for plot in result.plots]
+    if result.plots:
+        lines.append("")
+    if result.notes:
+        lines += ["### Notes", "", *[f"- {note}" for note in result.notes], ""]
+    return lines
+
+
+def load_results(out_dir: Path) -> list[BenchResult]:
+    """Every `<out_dir>/*.json` result, in page order. Raises FileNotFoundError if there is none."""
+    results = [read_result(p) for p in sorted(out_dir.glob("*.json"))]
+    if not results:
+        raise FileNotFoundError(f"no benchmark results (*.json) in {out_dir}: run `vitrine bench ...` first")
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(results, key=lambda r: (rank.get(r.name, len(ORDER)), r.name))
+
+
+def write_docs(out_dir: Path, docs_path: Path = Path("docs/benchmarks.md")) -> Path:
+    """Regenerate `docs_path` from the results in `out_dir`; plots are copied to `<docs dir>/benchmarks/`.
+
+    Returns the page's path. Raises FileNotFoundError when `out_dir` holds no result.
+    """
+    results = load_results(out_dir)
+    plot_dir = docs_path.parent / "benchmarks"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for result in results:
+        for plot in result.plots:
+            src = out_dir / plot
+            if src.is_file():
+                shutil.copyfile(src, plot_dir / plot)
+    gpu_results = [r for r in results if r.machine.get("gpus")]
+    lines = [
+        "# Vitrine benchmarks",
+        "",
+        "Generated by `make bench` (`vitrine bench all --quick`) from the JSON results in "
+        f"`{out_dir}`; do not edit by hand. Each tool also writes CSV and PNG there. "
+        "Targets are the ones of issue 5; a missed target says by how much and what bounds it.",
+        "",
+        *machine_section(results[0]),
+    ]
+    for result in results:
+        lines += result_section(result, "benchmarks/")
+    if not gpu_results:
+        lines += ["## GPU", "", "No GPU on the machine that produced this page; the GPU sweep (Triton with the "
+                  "TensorRT/CUDA providers) is filled in when `make bench` runs on one.", ""]
+    docs_path.parent.mkdir(parents=True, exist_ok=True)
+    docs_path.write_text("\n".join(lines))
+    return docs_path
