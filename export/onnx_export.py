@@ -14,11 +14,21 @@ Exporter: torch 2.14's `torch.onnx.export` defaults to the dynamo exporter, whic
 `onnxscript` (not a project dependency); the TorchScript exporter (`dynamo=False`, deprecated but
 present in 2.14) exports both towers with a dynamic batch axis and is used here.
 
-Precision: 'fp32' (default) or 'fp16'. fp16 converts the weights to half before tracing; the
+Precision: 'fp32' (default), 'int8' or 'fp16'. int8 exports the float32 graphs, then quantizes them with
+ONNX Runtime dynamic quantization (`export.quantize`: int8 weights, MatMul/Gemm/Gather, per channel); it is
+a CPU export (the dynamic-quantization kernels are ONNX Runtime CPU kernels, not TensorRT ones).
+fp16 converts the weights to half before tracing; the
 graphs keep uint8/int64 inputs and float32 outputs, and run in half inside. fp16 is GPU-only
 (`gpu=True`): ONNX Runtime 1.32's CPU provider segfaults creating a session for these fp16 graphs
 at its default optimization level (ORT_ENABLE_ALL). The export's parity gate still runs them on
-the CPU, at ORT_ENABLE_EXTENDED, against the float32 PyTorch model.
+the CPU, at ORT_ENABLE_EXTENDED, against the float32 PyTorch model. bf16 is not offered: ONNX Runtime
+1.32's CPU provider has no bfloat16 MatMul kernel (NOT_IMPLEMENTED), and fp16 graphs on the CPU ran at
+15.8 images/s against 42.5 for fp32 (ViT-B-32 image tower, batch 32, 2 Zen 4 threads).
+
+The parity gate compares every export with the float32 PyTorch model (threshold by precision,
+`parity.PARITY_THRESHOLDS`); for a model with a held-out set (the demo) it also measures text -> image
+recall@10 / precision@10 of the exported towers against float32 PyTorch. Both go to
+`<output>/parity_report.json` (`parity.ParityReport`).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import torch
 
 from export import ExportError
 from export import parity as parity_mod
+from export import quantize as quantize_mod
 from export.loading import LoadedModel, load_open_clip
 from export.tokenizer_json import write_tokenizer_json
 from export.towers import ImageTower, TextTower
@@ -57,7 +68,7 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 MODEL_VERSION = "1"
 IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "input_ids", "embedding"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -79,6 +90,12 @@ def _validate(
         raise ExportError(
             "precision='fp16' is GPU-only (--gpu): ONNX Runtime's CPU provider crashes on fp16 graphs at its "
             "default optimization level and has few fp16 CPU kernels; export fp32 for CPU serving"
+        )
+    if precision == "int8" and gpu:
+        raise ExportError(
+            "precision='int8' is a CPU export (ONNX Runtime dynamic quantization: DynamicQuantizeLinear / "
+            "MatMulInteger run on ONNX Runtime's CPU kernels, not in TensorRT); drop --gpu, or export fp16 "
+            "for GPUs"
         )
     try:  # the same checks build_model_config runs, before minutes of export rather than after
         check_batching(max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds, instance_count)
@@ -139,8 +156,8 @@ def _onnx_export(
         raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
 
 
-def _run_onnx(path: Path, input_name: str, value: np.ndarray, precision: str) -> np.ndarray:
-    """Run one ONNX graph on the CPU with ONNX Runtime; returns its output.
+def _cpu_session(path: Path, precision: str) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for one exported graph.
 
     fp16 graphs run at ORT_ENABLE_EXTENDED: ONNX Runtime 1.32's CPU EP crashes (SIGSEGV) creating a
     session for them at the default ORT_ENABLE_ALL (measured on the ViT towers here).
@@ -148,8 +165,36 @@ def _run_onnx(path: Path, input_name: str, value: np.ndarray, precision: str) ->
     options = ort.SessionOptions()
     if precision == "fp16":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT], {input_name: value})[0]
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run_batched(
+    session: ort.InferenceSession, input_name: str, value: np.ndarray, rows: int = 64
+) -> np.ndarray:
+    """`session`'s output for `value`, `rows` rows at a time (bounded memory); float32 [B, D]."""
+    return np.concatenate([session.run([OUTPUT], {input_name: value[i:i + rows]})[0]
+                           for i in range(0, len(value), rows)])
+
+
+def _retrieval_parity(
+    loaded: LoadedModel, image_session: ort.InferenceSession, text_session: ort.InferenceSession
+) -> parity_mod.RetrievalParity | None:
+    """Text -> image recall@10 / precision@10 of the ONNX towers vs float32 PyTorch on the held-out set."""
+    heldout = parity_mod.heldout_set(loaded.model_name)
+    if heldout is None:
+        return None
+    pixels, reference_input = parity_mod.image_batch(heldout.images, loaded.preprocess.eval_transform())
+    token_ids = loaded.tokenizer(heldout.texts)
+    result = parity_mod.retrieval_parity(
+        heldout,
+        candidate_text=_run_batched(text_session, TEXT_INPUT, token_ids.numpy()),
+        candidate_image=_run_batched(image_session, IMAGE_INPUT, pixels),
+        reference_text=parity_mod.reference_text_embeddings(loaded.model, token_ids),
+        reference_image=parity_mod.reference_image_embeddings(loaded.model, reference_input),
+    )
+    log.info("retrieval parity on %s: recall@%d %.4f, precision@%d %.4f (fp32 PyTorch %.4f)", result.dataset,
+             result.k, result.recall_at_k, result.k, result.precision_at_k, result.reference_precision_at_k)
+    return result
 
 
 def _verify_tokenizer_file(path: Path, loaded: LoadedModel, pad_id: int, texts: Sequence[str]) -> None:
@@ -203,23 +248,35 @@ def _write_repository(
             f"image ({embedding_dim}) and text ({text_reference.shape[1]}) embedding dims differ"
         )
 
-    model = loaded.model if precision == "fp32" else copy.deepcopy(loaded.model).half()
+    model = copy.deepcopy(loaded.model).half() if precision == "fp16" else loaded.model
 
     image_path = root / image_model / MODEL_VERSION / ONNX_FILE
+    text_path = root / text_model / MODEL_VERSION / ONNX_FILE
+    # int8: trace float32 graphs into a scratch folder of the staging root, then quantize into place.
+    float_dir = root / ".float32"
+    traced_image = float_dir / f"{image_model}.onnx" if precision == "int8" else image_path
+    traced_text = float_dir / f"{text_model}.onnx" if precision == "int8" else text_path
     started = time.perf_counter()
     image_tower = ImageTower(model, pre.mean, pre.std).eval()
-    _onnx_export(image_tower, torch.from_numpy(pixels[:2]), image_path, IMAGE_INPUT, opset)
-    text_path = root / text_model / MODEL_VERSION / ONNX_FILE
-    _onnx_export(TextTower(model).eval(), token_ids[:2], text_path, TEXT_INPUT, opset)
+    _onnx_export(image_tower, torch.from_numpy(pixels[:2]), traced_image, IMAGE_INPUT, opset)
+    _onnx_export(TextTower(model).eval(), token_ids[:2], traced_text, TEXT_INPUT, opset)
     log.info("exported both towers to ONNX in %.1f s", time.perf_counter() - started)
+    if precision == "int8":
+        quantize_mod.quantize_onnx(traced_image, image_path, quantize_mod.INT8)
+        quantize_mod.quantize_onnx(traced_text, text_path, quantize_mod.INT8)
+        shutil.rmtree(float_dir)
 
     # The gate runs a batch size different from the traced one (2), so it also checks the dynamic axis.
-    image_onnx = _run_onnx(image_path, IMAGE_INPUT, pixels, precision)
-    text_onnx = _run_onnx(text_path, TEXT_INPUT, token_ids.numpy(), precision)
+    image_session, text_session = _cpu_session(image_path, precision), _cpu_session(text_path, precision)
+    image_onnx = image_session.run([OUTPUT], {IMAGE_INPUT: pixels})[0]
+    text_onnx = text_session.run([OUTPUT], {TEXT_INPUT: token_ids.numpy()})[0]
     results: dict[str, TowerParity] = {
         "image": parity_mod.compare("image", image_onnx, image_reference, threshold),
         "text": parity_mod.compare("text", text_onnx, text_reference, threshold),
     }
+    retrieval = _retrieval_parity(loaded, image_session, text_session)
+    del image_session, text_session
+    quantization = quantize_mod.INT8.describe() if precision == "int8" else ""
 
     pad_id = write_tokenizer_json(loaded.tokenizer, root / TOKENIZER_FILE, loaded.context_length)
     _verify_tokenizer_file(root / TOKENIZER_FILE, loaded, pad_id, texts)
@@ -270,9 +327,15 @@ def _write_repository(
             tokenizer_file=TOKENIZER_FILE,
         ),
         parity=results,
-        exporter=_versions(opset),
+        exporter=_versions(opset) | ({"quantization": quantization} if quantization else {}),
     )
     manifest.write(root)
+    parity_mod.ParityReport(
+        precision=precision,
+        quantization=quantization,
+        towers={tower: p.model_dump() for tower, p in results.items()},
+        retrieval=retrieval,
+    ).write(root)
     return manifest
 
 
@@ -300,7 +363,8 @@ def export_repository(
         pretrained: open_clip pretrained tag, or None / 'random' for random weights.
         checkpoint: local open_clip checkpoint / state_dict file (label 'file:<name>').
         name_prefix: Triton model names are '<prefix>_image' and '<prefix>_text'.
-        precision: 'fp32' or 'fp16' (half weights inside the graphs; parity threshold 0.999).
+        precision: 'fp32', 'int8' (ONNX Runtime dynamic quantization, `export.quantize.INT8`; CPU only;
+            parity threshold 0.99) or 'fp16' (half weights inside the graphs; GPU only; threshold 0.999).
         max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds: Triton batching
             (batch sizes in rows, delay in microseconds).
         instance_count: Triton model instances per tower.
@@ -309,7 +373,8 @@ def export_repository(
         overwrite: replace an existing repository at `output` (only one with a manifest.json).
 
     Returns:
-        The written manifest (parity results and exporter versions included).
+        The written manifest (parity results and exporter versions included). The full parity report
+        (with held-out retrieval recall@10 for the demo model) is `parity.ParityReport.read(output)`.
 
     Raises:
         ExportError: invalid arguments, weights unavailable (see `load_open_clip`), an ONNX check,

@@ -225,7 +225,7 @@ def test_unknown_names_and_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="preferred_batch_sizes"):
         export_repository(TINY, tmp_path / "e", max_batch_size=8, preferred_batch_sizes=(4, 16))
     with pytest.raises(ExportError, match="precision"):
-        export_repository(TINY, tmp_path / "f", precision="int8")
+        export_repository(TINY, tmp_path / "f", precision="bf16")
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")

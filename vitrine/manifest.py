@@ -82,7 +82,7 @@ class Manifest(_Strict):
     pretrained: str = Field(description="pretrained tag, 'file:<checkpoint name>' or 'random'")
     weights_sha256: str = Field(description="sha256 of the state_dict tensors, hex")
     embedding_dim: int
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     image: ImageTower
     text: TextTower
     parity: dict[str, TowerParity] = Field(default_factory=dict, description="keyed 'image' / 'text'")
