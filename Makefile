@@ -29,7 +29,16 @@ proto: $(GEN)
 demo: setup
 	$(VENV)/bin/vitrine demo
 
-test: setup
+# docker-compose 1.29.2 validates docker-compose.yml offline (tests/test_deploy.py). Own venv: it needs PyYAML<6,
+# and PyYAML 5.4.1 builds on Python 3.11 only with Cython<3 (yaml/pyyaml#601).
+COMPOSE_VENV   := .cache/tools/docker-compose
+DOCKER_COMPOSE := $(COMPOSE_VENV)/bin/docker-compose
+$(DOCKER_COMPOSE):
+	$(PYTHON) -m venv $(COMPOSE_VENV)
+	echo 'cython<3' > $(COMPOSE_VENV)/constraints.txt
+	PIP_CONSTRAINT=$(COMPOSE_VENV)/constraints.txt $(COMPOSE_VENV)/bin/pip install -q docker-compose==1.29.2
+
+test: setup $(DOCKER_COMPOSE)
 	$(PY) -m pytest tests
 
 clean:
