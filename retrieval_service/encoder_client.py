@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput, model_config_pb2, service_pb2
@@ -57,6 +58,7 @@ class _Tower:
     triton_dtype: str  # KServe v2 datatype string, e.g. "UINT8"
     input_shape: tuple[int, ...]  # per item, without the batch dimension
     max_batch_size: int = 0
+    kind: str = ""  # "image" | "text": the `tower` label of metrics
 
 
 def _describe_error(exc: InferenceServerException) -> str:
@@ -89,6 +91,7 @@ class EncoderClient(TritonChannel):
             input_dtype=np.dtype(np.uint8),
             triton_dtype="UINT8",
             input_shape=(height, width, 3),
+            kind="image",
         )
         self._text = _Tower(
             model=manifest.text.triton_model,
@@ -97,9 +100,12 @@ class EncoderClient(TritonChannel):
             input_dtype=np.dtype(np.int64),
             triton_dtype="INT64",
             input_shape=(manifest.text.context_length,),
+            kind="text",
         )
         self._checked: dict[str, _Tower] = {}
         self._check_lock: asyncio.Lock | None = None
+        # Called after each inference request with (tower "image" | "text", seconds, failed); metrics hook.
+        self.call_observer: Callable[[str, float, bool], None] | None = None
 
     # ------------------------------------------------------------------------------------------ public
     async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -294,9 +300,14 @@ class EncoderClient(TritonChannel):
             raise
         return results[0] if len(results) == 1 else np.concatenate(results, axis=0)
 
+    def _observe(self, tower: _Tower, started: float, *, failed: bool) -> None:
+        if self.call_observer is not None:
+            self.call_observer(tower.kind, time.perf_counter() - started, failed)
+
     async def _infer(self, tower: _Tower, chunk: np.ndarray) -> np.ndarray:
         infer_input = InferInput(tower.input_name, list(chunk.shape), tower.triton_dtype)
         infer_input.set_data_from_numpy(np.ascontiguousarray(chunk))
+        started = time.perf_counter()
         try:
             result = await self._get_client().infer(
                 tower.model,
@@ -305,7 +316,9 @@ class EncoderClient(TritonChannel):
                 client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:
+            self._observe(tower, started, failed=True)
             raise self._translate(exc, f"inference on {tower.model!r}", gone_is_down=True) from exc
+        self._observe(tower, started, failed=False)
         embedding = result.as_numpy(tower.output_name)
         expected = (chunk.shape[0], self.manifest.embedding_dim)
         if embedding is None or embedding.dtype != np.float32 or embedding.shape != expected:

@@ -43,7 +43,7 @@ def decode_page_token(token: str, fingerprint: str) -> int:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
         offset, owner = int(data["o"]), str(data["q"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # OverflowError: int(Infinity)
         raise InvalidInputError("page_token is malformed; pass a next_page_token returned by SearchImages") from exc
     if owner != fingerprint:
         raise InvalidInputError("page_token belongs to a different query (text, image, filter or min_score changed)")

@@ -219,7 +219,7 @@ def _center_crop_or_pad(pixels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return pixels[top : top + crop_h, left : left + crop_w]
 
 
-def to_model_input(image: Image.Image, spec: ImageTower) -> np.ndarray:
+def to_model_input(image: Image.Image, spec: ImageTower, *, max_pixels: int | None = None) -> np.ndarray:
     """Apply open_clip's eval resize + crop for `spec` and return the pixels the image tower takes.
 
     resize_mode (open_clip 3.3.0 `image_transform(..., is_train=False)`):
@@ -234,9 +234,14 @@ def to_model_input(image: Image.Image, spec: ImageTower) -> np.ndarray:
     Args:
         image: a PIL image; converted with `convert('RGB')` first when it is not RGB.
         spec: the manifest's image tower (`size` is (height, width)).
+        max_pixels: refuse (before resizing) an image whose resized, not yet cropped size exceeds this many
+            pixels; None = no limit. `preprocess_batch` passes `ImageLimits.max_pixels`.
 
     Returns:
         uint8 [H, W, 3] RGB with (H, W) == spec.size, C-contiguous.
+
+    Raises:
+        ImageRejectedError: reason 'too_many_pixels' when the resized size exceeds `max_pixels`.
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -244,13 +249,20 @@ def to_model_input(image: Image.Image, spec: ImageTower) -> np.ndarray:
     resample = _RESAMPLE[spec.interpolation]
     height, width = image.height, image.width
     if spec.resize_mode == "squash":
-        image = _resize(image, target, resample)
+        hw = target
     elif spec.resize_mode == "longest":
-        image = _resize(image, _keep_ratio_size(height, width, target, 1.0), resample)
+        hw = _keep_ratio_size(height, width, target, 1.0)
     elif target[0] == target[1]:
-        image = _resize(image, _shortest_edge_size(height, width, target[0]), resample)
+        hw = _shortest_edge_size(height, width, target[0])
     else:
-        image = _resize(image, _keep_ratio_size(height, width, target, 0.0), Image.Resampling.BICUBIC)
+        hw, resample = _keep_ratio_size(height, width, target, 0.0), Image.Resampling.BICUBIC
+    if max_pixels is not None and hw[0] * hw[1] > max_pixels:
+        # An extreme aspect ratio (e.g. 1 x 2,000,000, a few KB as PNG) resized shortest-edge-first would need
+        # gigabytes before the crop: refuse it like a decompression bomb (found by tests/test_fuzz.py).
+        raise ImageRejectedError(
+            "too_many_pixels", f"{width}x{height} would be resized to {hw[1]}x{hw[0]} = {hw[0] * hw[1]} pixels "
+                               f"before cropping (extreme aspect ratio); the limit is {max_pixels}")
+    image = _resize(image, hw, resample)
     pixels = np.array(image, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
     pixels = _center_crop_or_pad(pixels, target)
     return np.ascontiguousarray(pixels)
@@ -274,7 +286,8 @@ def preprocess_batch(
     out: list[np.ndarray | ImageRejectedError] = []
     for data in datas:
         try:
-            out.append(to_model_input(decode_image(data, limits, exif_transpose=exif_transpose), spec))
+            image = decode_image(data, limits, exif_transpose=exif_transpose)
+            out.append(to_model_input(image, spec, max_pixels=limits.max_pixels))
         except ImageRejectedError as exc:
             out.append(exc)
     return out

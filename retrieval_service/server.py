@@ -22,18 +22,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from retrieval_service.auth import TokenAuthInterceptor
 from retrieval_service.blob_store import BlobStore
 from retrieval_service.encoder_client import EncoderClient
 from retrieval_service.errors import DependencyUnavailableError
 from retrieval_service.generation import GeminiGenerator
 from retrieval_service.health import HealthMonitor
 from retrieval_service.ingest import IngestPipeline, InflightIds
+from retrieval_service.metrics import MetricsHttpServer, ServiceMetrics
 from retrieval_service.preprocess import ImageLimits, preprocess_batch
 from retrieval_service.rerank import ModelReranker
 from retrieval_service.service import RetrievalService
 from retrieval_service.settings import Settings
+from retrieval_service.tls import server_credentials
 from retrieval_service.tokenizer import TextTokenizer
-from retrieval_service.vector_store import VectorStore
+from retrieval_service.vector_store import VectorStore, redact_uri
 from vitrine.manifest import Manifest
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
@@ -56,6 +59,7 @@ class RetrievalServer:
         self.decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vitrine-decode")
         self.store_executor = ThreadPoolExecutor(4, thread_name_prefix="vitrine-milvus")
         self.encoder = EncoderClient(settings.encoder_url, self.manifest, timeout_s=settings.encoder_timeout_s)
+        self.encoder.use_tls(settings.encoder_tls)
         self.store = VectorStore(
             settings.milvus_uri,
             settings.collection or self.manifest.collection_name,
@@ -63,6 +67,7 @@ class RetrievalServer:
             settings.index,
             token=settings.milvus_token.get_secret_value(),
             model_id=self.manifest.model_id,
+            tls=settings.milvus_tls,
         )
         self.blobs = BlobStore(settings.blob_dir)
         limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
@@ -89,6 +94,8 @@ class RetrievalServer:
             ModelReranker(rr.model_url or settings.encoder_url, rr.model, timeout_s=rr.model_timeout_s)
             if rr.model else None
         )
+        if self.model_reranker is not None:
+            self.model_reranker.use_tls(settings.encoder_tls)
         gen = settings.generation
         self.generator = GeminiGenerator(gen.api_key, base_url=gen.base_url or None, default_model=gen.model,
                                          max_retries=gen.max_retries, timeout_s=gen.timeout_s)
@@ -102,9 +109,22 @@ class RetrievalServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ]
+        # Prometheus metrics (retrieval_service/metrics.py), one registry per server; served in start().
+        self.metrics = ServiceMetrics()
+        self.encoder.call_observer = self.metrics.observe_encoder
+        self.store.call_observer = self.metrics.observe_milvus
+        self.ingest.metrics = self.metrics
+        self.metrics.track_dependencies(["encoder", "milvus"], lambda: self.health.down)
+        self.metrics_http = MetricsHttpServer(self.metrics.registry)
         # Server interceptors, outermost first (e.g. metrics, then auth).
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.metrics.interceptor()]
+        # Bearer-token auth (retrieval_service/auth.py) runs inside any metrics interceptor, so rejected calls count.
+        self.auth = TokenAuthInterceptor.from_settings(settings.auth)
+        if self.auth is not None:
+            interceptors.append(self.auth)
+        self._credentials = server_credentials(settings.tls)  # reads the PEM files now: bad paths fail here
+        self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors,
+                                           maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
         pb_grpc.add_RetrievalServiceServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.grpc_server)
         reflection.enable_server_reflection(
@@ -125,17 +145,46 @@ class RetrievalServer:
         except DependencyUnavailableError:
             return False
 
+    def _start_metrics_endpoint(self) -> None:
+        """Serve /metrics on metrics_host (or host):metrics_port; -1 = off. Failing to bind is logged, not fatal:
+        metrics must not take search down (the port is `self.metrics_http.port`, None when not serving)."""
+        port = self.settings.metrics_port
+        if port < 0:
+            return
+        host = self.settings.metrics_host or self.settings.host
+        try:
+            bound = self.metrics_http.start(host, port)
+        except OSError as exc:
+            log.error("metrics endpoint not started: cannot bind %s:%d (%s); serving without /metrics",
+                      host, port, exc.strerror or exc)
+            return
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
+
     async def start(self) -> int:
         """Bind, open dependencies (a down dependency leaves health NOT_SERVING, not a crash); return the port."""
-        self.port = self.grpc_server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self._credentials is not None:
+            self.port = self.grpc_server.add_secure_port(address, self._credentials)
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {self.settings.host}:{self.settings.port}")
         await self.grpc_server.start()
         await self.health.start()
+        self._start_metrics_endpoint()
         log.info(
             "retrieval service on %s:%d  model=%s collection=%s milvus=%s encoder=%s health=%s",
-            self.settings.host, self.port, self.manifest.model_id, self.store.collection, self.settings.milvus_uri,
+            self.settings.host, self.port, self.manifest.model_id, self.store.collection,
+            redact_uri(self.settings.milvus_uri),
             self.settings.encoder_url, "SERVING" if self.health.serving else f"NOT_SERVING {sorted(self.health.down)}",
+        )
+        tls = self.settings.tls
+        log.info(
+            "security: transport=%s auth=%s max_concurrent_rpcs=%s",
+            ("mutual TLS" if tls.require_client_auth else "TLS") if tls.enabled else "PLAINTEXT",
+            f"bearer token ({self.auth.token_count} accepted)" if self.auth is not None
+            else "NONE (open: any client may call every RPC; set auth.tokens or auth.tokens_file)",
+            self.settings.max_concurrent_rpcs or "unlimited",
         )
         return self.port
 
@@ -143,6 +192,7 @@ class RetrievalServer:
         """Stop accepting calls, let in-flight calls finish for up to `grace_s` seconds, close clients."""
         await self.health.stop()
         await self.grpc_server.stop(grace_s)
+        self.metrics_http.stop()
         await self.encoder.close()
         if self.model_reranker is not None:
             await self.model_reranker.close()

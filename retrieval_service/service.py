@@ -21,6 +21,7 @@ from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError, NotFoundError
+from retrieval_service.filters import validate_filter
 from retrieval_service.generation import GeminiGenerator, GenerationNotConfiguredError, GenerationOptions
 from retrieval_service.generation import Finished as GenerationFinished
 from retrieval_service.generation import ImageChunk, TextChunk
@@ -139,6 +140,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         rr = request.rerank
         method = _RERANK_METHODS.get(rr.method)
         mmr_lambda = rr.mmr_lambda if rr.HasField("mmr_lambda") else None
+        validate_filter(request.filter)  # INVALID_ARGUMENT before any encoder or Milvus call (the store checks too)
         fingerprint = query_fingerprint(kind, key, request.filter, min_score, method, rr.top_n, mmr_lambda)
         offset = decode_page_token(request.page_token, fingerprint)
         if offset + top_k > MILVUS_MAX_WINDOW:
@@ -183,7 +185,10 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
             if len(request.text) > self._s.max_text_chars:
                 raise FieldError("text", f"text has {len(request.text)} characters; the limit is "
                                          f"{self._s.max_text_chars}")
-            ids = self._tokenizer.encode_batch([text])
+            try:
+                ids = self._tokenizer.encode_batch([text])
+            except ValueError as exc:  # e.g. only control characters: nothing left after open_clip's cleaning
+                raise FieldError("text", f"text has nothing to search for after cleaning ({exc})") from exc
             return (await self._encoder.encode_texts(ids))[0]
         if kind == "image":
             if not request.image:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
@@ -19,7 +19,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from retrieval_service.auth import AuthSettings
 from retrieval_service.rerank import RerankSettings
+from retrieval_service.tls import ClientTlsSettings, ServerTlsSettings
 from retrieval_service.vector_store import IndexSettings
 
 MiB = 1024 * 1024
@@ -69,6 +71,32 @@ class Settings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     max_message_bytes: int = Field(64 * MiB, gt=0, description="largest gRPC message accepted/sent, bytes")
     health_interval_s: float = Field(1.0, gt=0, description="dependency health probe period, seconds")
+
+    # --- security (retrieval_service/tls.py, retrieval_service/auth.py) ---------------------------------------
+    tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings,
+                                   description="server TLS (cert_file, key_file; client_ca_file for mutual TLS)")
+    auth: AuthSettings = Field(default_factory=AuthSettings,
+                               description="bearer tokens; none configured = open server (logged at startup)")
+    encoder_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings, description="TLS to Triton")
+    milvus_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings,
+                                          description="TLS to a Milvus server (an https:// milvus_uri also turns "
+                                                      "it on, trusting the system roots)")
+    max_concurrent_rpcs: int = Field(
+        1000, ge=0, description="most RPCs in progress at once (streams included); more get RESOURCE_EXHAUSTED; "
+                                "0 = unlimited",
+    )
+
+    # --- observability (retrieval_service/metrics.py, retrieval_service/logs.py) --------------------------------
+    metrics_port: int = Field(
+        9464, ge=-1, le=65535,
+        description="Prometheus /metrics HTTP port (9464, the OpenTelemetry Prometheus exporter's default port); "
+                    "0 picks a free one, -1 disables. A port in use is logged as an error, the service still runs",
+    )
+    metrics_host: str = Field("", description="bind address of the metrics endpoint; empty = `host`")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json': one JSON object per line (ts, level, logger, message, request_id, rpc, ...)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="lowest level logged")
 
     # --- request limits ------------------------------------------------------------------------------------
     max_image_bytes: int = Field(20 * MiB, gt=0, description="largest encoded image accepted, bytes")

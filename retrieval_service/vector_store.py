@@ -43,7 +43,8 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,8 @@ from pymilvus.exceptions import (
 )
 
 from retrieval_service.blob_store import check_content_id
+from retrieval_service.filters import validate_filter
+from retrieval_service.tls import ClientTlsSettings, milvus_tls_kwargs
 from retrieval_service.errors import (
     CollectionMismatchError,
     DependencyUnavailableError,
@@ -100,6 +103,16 @@ _SERVER_FILTER_MARKERS = (
     "failed to create expr plan",
 )
 _UNAVAILABLE_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A transport failure mid-call (server killed or restarting: "Stream removed", RST_STREAM, "Socket closed"),
+# which pymilvus' retry wrapper re-raises as MilvusException(code=<grpc.StatusCode>) once its retries are over.
+_TRANSPORT_GRPC = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                   grpc.StatusCode.ABORTED)
+# Milvus server states that pass while it starts or recovers (milvus 2.3 pkg/util/merr): service not ready (1,
+# only with that message: pymilvus uses 1 for its own "Unexpected error"), service unavailable (2), collection /
+# partition not (fully) loaded (101, 103, 201, 202), replica not available (401), channel not found / lacking /
+# not available (500, 501, 503), segment not loaded / lacking (601, 602), node not found / offline / lacking /
+# not available (901, 902, 903, 905).
+_SERVER_RECOVERING = frozenset({2, 101, 103, 201, 202, 401, 500, 501, 503, 601, 602, 901, 902, 903, 905})
 
 
 class IndexSettings(BaseModel):
@@ -170,7 +183,8 @@ class Hit:
     embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-def _redact(uri: str) -> str:
+def redact_uri(uri: str) -> str:
+    """`uri` with any `user:password@` userinfo replaced by `***@`, for logs and error messages."""
     return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
@@ -187,6 +201,7 @@ class VectorStore:
         token: str = "",
         model_id: str = "",
         timeout_s: float = 10.0,
+        tls: ClientTlsSettings | None = None,
     ) -> None:
         """Describe the store; nothing is contacted until `open()` (or the first call, which opens).
 
@@ -200,13 +215,16 @@ class VectorStore:
             model_id: the encoder's model id. Recorded at creation; `open()` refuses a collection recorded
                 with another model id. '' accepts any collection (read-only tools).
             timeout_s: deadline of each Milvus call, seconds (open uses at least 60 s).
+            tls: TLS to a Milvus server (retrieval_service.tls); None or disabled = as the URI says
+                (https:// turns TLS on with the system roots).
 
         Raises:
-            ValueError: malformed uri, collection name or dim.
+            ValueError: malformed uri, collection name or dim; tls set for a Milvus Lite file.
+            retrieval_service.tls.TlsConfigError: a TLS file is missing or not PEM.
         """
         if not (uri.endswith(".db") or uri.startswith(("http://", "https://", "tcp://", "unix:"))):
             raise ValueError(
-                f"milvus uri {_redact(uri)!r} is neither a Milvus Lite file (ending in .db) nor a server URI "
+                f"milvus uri {redact_uri(uri)!r} is neither a Milvus Lite file (ending in .db) nor a server URI "
                 "(http://host:19530)"
             )
         if not _COLLECTION_NAME.fullmatch(collection):
@@ -223,7 +241,12 @@ class VectorStore:
         self.model_id = model_id
         self.timeout_s = float(timeout_s)
         self._token = token
+        self._tls_kwargs = milvus_tls_kwargs(tls) if tls is not None else {}
+        if self._tls_kwargs and uri.endswith(".db"):
+            raise ValueError("milvus_tls applies to a Milvus server URI, not to a Milvus Lite file")
         self._lock = threading.RLock()
+        # Called after each Milvus call with (operation, seconds, failed), from the calling thread; metrics hook.
+        self.call_observer: Callable[[str, float, bool], None] | None = None
         self._client: MilvusClient | None = None
         self._opened = False
         self._index_type: str = self.index.index_type
@@ -281,6 +304,7 @@ class VectorStore:
                     "grpc.keepalive_time_ms": 300_000,
                     "grpc.keepalive_permit_without_calls": 0,
                 }
+            kwargs.update(self._tls_kwargs)
             self._client = MilvusClient(uri=self.uri, token=self._token, timeout=self.timeout_s, **kwargs)
         return self._client
 
@@ -382,16 +406,29 @@ class VectorStore:
 
     @contextmanager
     def _translate(self, operation: str, filter_expr: str = "") -> Iterator[None]:
-        """Map pymilvus / gRPC exceptions to this service's typed errors (see `_map_error`)."""
+        """Map pymilvus / gRPC exceptions to this service's typed errors (see `_map_error`).
+
+        Reports the call to `call_observer` (operation, seconds, failed); an input error is not a failure.
+        """
+        started = time.perf_counter()
+        failed = True
         try:
             yield
-        except (InvalidInputError, DependencyUnavailableError, CollectionMismatchError):
+            failed = False
+        except InvalidInputError:
+            failed = False  # the request's fault (e.g. a filter Milvus cannot parse), not Milvus'
+            raise
+        except (DependencyUnavailableError, CollectionMismatchError):
             raise
         except (MilvusException, grpc.RpcError, grpc.FutureTimeoutError) as exc:
             mapped = self._map_error(exc, operation, filter_expr)
+            failed = not isinstance(mapped, InvalidInputError)
             if mapped is None:
                 raise
             raise mapped from exc
+        finally:
+            if self.call_observer is not None:
+                self.call_observer(operation, time.perf_counter() - started, failed)
 
     def _map_error(self, exc: Exception, operation: str, filter_expr: str) -> Exception | None:
         """Return the typed error for a pymilvus/gRPC exception, or None to re-raise it unchanged.
@@ -401,13 +438,17 @@ class VectorStore:
             MilvusUnavailableException, a code that is grpc UNAVAILABLE / DEADLINE_EXCEEDED (pymilvus'
             retry gave up), grpc.RpcError with those codes, grpc.FutureTimeoutError, and
             ConnectionConfigException "Open local milvus failed" (Lite)  -> DependencyUnavailableError.
+          * server only: a transport failure after pymilvus' retries (grpc CANCELLED / UNKNOWN / INTERNAL /
+            ABORTED, `_TRANSPORT_GRPC`) or a state a restarting server passes through (`_SERVER_RECOVERING`:
+            not ready, collection not loaded, channel / node not available...) -> DependencyUnavailableError,
+            and the next call re-opens (re-loads) the collection.
           * collection not found (code 100 / legacy 4; dropped behind our back) -> DependencyUnavailableError,
             and the next call re-opens (re-creates) it.
           * with a filter: Lite code 6 (ILLEGAL_ARGUMENT from its filter parser) or a server message
             "cannot parse expression" / "failed to create query plan" / "failed to create expr plan"
             -> InvalidFilterError carrying Milvus' message.
         """
-        where = f"{operation} on {self.collection!r} at {_redact(self.uri)}"
+        where = f"{operation} on {self.collection!r} at {redact_uri(self.uri)}"
         if isinstance(exc, grpc.FutureTimeoutError):
             return DependencyUnavailableError("milvus", f"{where}: timed out")
         if isinstance(exc, grpc.RpcError):
@@ -427,6 +468,13 @@ class VectorStore:
             if isinstance(exc, ConnectionConfigException) and self.is_lite:
                 message += " (is another process using this Milvus Lite file? is its directory writable?)"
             return DependencyUnavailableError("milvus", f"{where}: {message}")
+        if not self.is_lite and (
+            code in _TRANSPORT_GRPC
+            or code in _SERVER_RECOVERING
+            or (code == 1 and "not ready" in message.lower())
+        ):
+            self._opened = False  # re-open (and re-load) the collection on the next call
+            return DependencyUnavailableError("milvus", f"{where}: server not answering normally ({message})")
         if code in _COLLECTION_NOT_FOUND and operation != "open":
             self._opened = False
             return DependencyUnavailableError(
@@ -435,6 +483,7 @@ class VectorStore:
         if filter_expr and (
             (self.is_lite and code == _LITE_ILLEGAL_ARGUMENT)
             or any(marker in message for marker in _SERVER_FILTER_MARKERS)
+            or isinstance(exc.__cause__, UnicodeError)  # pymilvus: an escape in the filter decoded to a surrogate
         ):
             return InvalidFilterError(f"invalid filter {filter_expr!r}: {message}")
         return None
@@ -443,9 +492,10 @@ class VectorStore:
 
     @staticmethod
     def _check_filter(filter_expr: object) -> str:
+        """Validate a client filter against the schema (retrieval_service.filters); return Milvus' expression."""
         if not isinstance(filter_expr, str):
             raise InvalidFilterError(f"filter must be a string, got {type(filter_expr).__name__}")
-        return filter_expr.strip()
+        return validate_filter(filter_expr)
 
     def _check_row(self, row: Row) -> dict[str, Any]:
         check_content_id(row.id)
@@ -566,8 +616,9 @@ class VectorStore:
             vectors: float32 [Q, dim] query embeddings (any norm; COSINE normalizes).
             top_k: results per query, >= 1.
             offset: results to skip (pagination); offset + top_k <= 16384 (Milvus' window).
-            filter: Milvus boolean expression over id / filename / ingest_time / metadata, e.g.
-                'metadata["label"] == 3 and filename like "cat%"'; '' for none.
+            filter: boolean expression over id / filename / ingest_time / metadata, e.g.
+                'metadata["label"] == 3 and filename like "cat%"'; '' for none. Checked and re-rendered by
+                retrieval_service.filters (grammar there) before Milvus sees it.
             min_score: drop hits whose cosine similarity is below it.
             with_vectors: also return each hit's stored embedding (Hit.embedding, float32 [dim]; as
                 stored, i.e. L2-normalized by the encoder), e.g. for a rerank stage; else it is None.
@@ -577,7 +628,8 @@ class VectorStore:
 
         Raises:
             InvalidInputError: bad shape/dtype/values, top_k, offset or window.
-            InvalidFilterError: Milvus cannot parse `filter` (its message included).
+            InvalidFilterError: `filter` is outside the grammar of retrieval_service.filters (the message names
+                the token and position), or Milvus cannot parse it (its message included).
             DependencyUnavailableError: Milvus is unreachable.
         """
         queries = np.asarray(vectors)
@@ -734,7 +786,7 @@ class VectorStore:
         return {
             "collection": self.collection,
             "backend": "milvus-lite" if self.is_lite else "milvus",
-            "uri": _redact(self.uri),
+            "uri": redact_uri(self.uri),
             "dim": self.dim,
             "metric_type": "COSINE",
             "index_type": self._index_type,

@@ -25,6 +25,33 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 Target = Annotated[str, typer.Option("--target", "-t", help="retrieval service host:port", envvar="VITRINE_TARGET")]
 
 
+@app.callback()
+def _client_security(
+    token: Annotated[Optional[str], typer.Option(
+        envvar="VITRINE_TOKEN", show_default=False,
+        help="bearer token for the retrieval service (prefer env VITRINE_TOKEN: a flag is visible in `ps`)")] = None,
+    tls_ca: Annotated[Optional[Path], typer.Option(
+        "--tls-ca", envvar="VITRINE_TLS_CA", help="PEM CA to verify the retrieval service with (turns TLS on)")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(
+        "--tls-cert", envvar="VITRINE_TLS_CERT", help="PEM client certificate (mutual TLS)")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(
+        "--tls-key", envvar="VITRINE_TLS_KEY", help="PEM key of --tls-cert")] = None,
+    tls: Annotated[bool, typer.Option(
+        "--tls", envvar="VITRINE_USE_TLS", help="TLS with the system roots (implied by --tls-ca)")] = False,
+) -> None:
+    """Client security options, given before the command (`vitrine --tls-ca ca.pem search ...`).
+
+    They are put in the environment (VITRINE_TOKEN, VITRINE_TLS_*), where `vitrine.client.VitrineClient` reads
+    them, so every client command and helper uses them.
+    """
+    import os  # noqa: PLC0415
+
+    for name, value in (("VITRINE_TOKEN", token), ("VITRINE_TLS_CA", tls_ca), ("VITRINE_TLS_CERT", tls_cert),
+                        ("VITRINE_TLS_KEY", tls_key), ("VITRINE_USE_TLS", "1" if tls else None)):
+        if value:
+            os.environ[name] = str(value)
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,7 +74,8 @@ def export(
                                                           "or 'random'")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="local open_clip checkpoint file")] = None,
     name_prefix: Annotated[str, typer.Option(help="Triton model names: <prefix>_image, <prefix>_text")] = "clip",
-    precision: Annotated[str, typer.Option(help="fp32 or fp16")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, int8 (ONNX Runtime dynamic quantization, CPU) or fp16 "
+                                                "(GPU only)")] = "fp32",
     max_batch_size: int = 64,
     preferred_batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "8,16,32",
     max_queue_delay_microseconds: int = 2000,
@@ -72,8 +100,16 @@ def export(
         console.print(f"[red]export failed:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print(f"wrote {output}: model_id={manifest.model_id} dim={manifest.embedding_dim}")
-    for tower, p in manifest.parity.items():
-        console.print(f"  parity {tower}: min cosine {p.min_cosine:.7f}, max abs diff {p.max_abs_diff:.2e}")
+    from export.parity import ParityReport  # noqa: PLC0415
+
+    report = ParityReport.read(output)
+    if report is None:
+        for tower, p in manifest.parity.items():
+            console.print(f"  parity {tower}: min cosine {p.min_cosine:.7f}, max abs diff {p.max_abs_diff:.2e}")
+    else:
+        console.print(f"  precision {report.precision}" + (f" ({report.quantization})" if report.quantization else ""))
+        for line in report.summary_lines():
+            console.print(f"  {line}")
 
 
 @app.command("train-demo")
@@ -125,20 +161,25 @@ def serve(
     milvus_uri: Annotated[Optional[str], typer.Option(help="Milvus Lite file or http://host:19530")] = None,
     blob_dir: Optional[Path] = None,
     index_type: Annotated[Optional[str], typer.Option(help="FLAT, IVF_FLAT or HNSW")] = None,
-    verbose: bool = False,
+    metrics_port: Annotated[Optional[int], typer.Option(
+        help="Prometheus /metrics HTTP port (default 9464; 0 = a free port, -1 = off)")] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="text or json (one JSON object per line)")] = None,
+    verbose: Annotated[bool, typer.Option(help="log at DEBUG")] = False,
 ) -> None:
     """Run the gRPC retrieval service until SIGTERM (flags > VITRINE_* env > --config file > defaults)."""
-    _logging(verbose)
     import asyncio  # noqa: PLC0415
 
+    from retrieval_service.logs import configure_logging  # noqa: PLC0415
     from retrieval_service.server import serve as serve_async  # noqa: PLC0415
     from retrieval_service.settings import Settings  # noqa: PLC0415
 
     overrides = dict(model_repository=repository, host=host, port=port, encoder_url=encoder_url,
-                     milvus_uri=milvus_uri, blob_dir=blob_dir)
+                     milvus_uri=milvus_uri, blob_dir=blob_dir, metrics_port=metrics_port, log_format=log_format,
+                     log_level="DEBUG" if verbose else None)
     if index_type:
         overrides["index"] = {"index_type": index_type}
     settings = Settings.load(config, **overrides)
+    configure_logging(settings.log_format, settings.log_level)
     asyncio.run(serve_async(settings))
 
 

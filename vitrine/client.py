@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,16 +62,91 @@ def image_files(folder: Path, metadata_file: Path | None = None) -> list[IngestF
     return [IngestFile(p, meta.get(p.relative_to(folder).as_posix(), meta.get(p.name, {}))) for p in files]
 
 
-class VitrineClient:
-    """Blocking client over one channel to `target` ('host:port')."""
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call's metadata."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"] + [self._entry]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request_iterator)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+def _read(path: Path | str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+class VitrineClient:
+    """Blocking client over one channel to `target` ('host:port').
+
+    Security (all optional; each falls back to an environment variable, so every CLI command and helper that
+    builds a client picks them up):
+        token: bearer token sent as `authorization: Bearer <token>` (env VITRINE_TOKEN).
+        tls_ca: PEM CA bundle to verify the server with; turns TLS on (env VITRINE_TLS_CA).
+        tls_cert, tls_key: PEM client certificate and key for mutual TLS (env VITRINE_TLS_CERT, VITRINE_TLS_KEY).
+        tls: True = TLS with the system roots when no tls_ca is given (env VITRINE_USE_TLS=1).
+
+    Raises:
+        FileNotFoundError: a TLS file cannot be read.
+        ValueError: only one of tls_cert / tls_key.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, max_message_bytes: int = 64 * 1024 * 1024,
+                 token: str | None = None, tls_ca: Path | str | None = None, tls_cert: Path | str | None = None,
+                 tls_key: Path | str | None = None, tls: bool | None = None) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=[
+        env = os.environ
+        token = token if token is not None else env.get("VITRINE_TOKEN") or None
+        tls_ca = tls_ca or env.get("VITRINE_TLS_CA") or None
+        tls_cert = tls_cert or env.get("VITRINE_TLS_CERT") or None
+        tls_key = tls_key or env.get("VITRINE_TLS_KEY") or None
+        if tls is None:
+            tls = bool(tls_ca or tls_cert) or env.get("VITRINE_USE_TLS", "").lower() in ("1", "true", "yes")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key (VITRINE_TLS_CERT, VITRINE_TLS_KEY) must be given together")
+        options = [
             ("grpc.service_config", _SERVICE_CONFIG),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        ]
+        if tls:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca, "tls_ca"), private_key=_read(tls_key, "tls_key"),
+                certificate_chain=_read(tls_cert, "tls_cert"))
+            channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            channel = grpc.insecure_channel(target, options=options)
+        self.channel = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
         self.stub = pb_grpc.RetrievalServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
