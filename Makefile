@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/vitrine/v1/*.proto)
 GEN    := vitrine/v1/.generated
 
-.PHONY: setup proto demo test clean
+.PHONY: setup proto demo test bench clean
 
 setup: $(STAMP) $(GEN)
 
@@ -41,5 +41,17 @@ $(DOCKER_COMPOSE):
 test: setup $(DOCKER_COMPOSE)
 	$(PY) -m pytest tests
 
+# Short versions of every benchmark (~15 min on 2 cores), then docs/benchmarks.md from their results.
+# The encoder, search and ingest runs use open_clip ViT-B-32 with random weights (exported once into .cache/bench):
+# weights don't change speed, and it is the realistic cost model.
+BENCH_OUT ?= bench_out
+bench: setup
+	$(VENV)/bin/vitrine bench encoder --quick --out $(BENCH_OUT)
+	$(VENV)/bin/vitrine bench search --quick --model ViT-B-32 --out $(BENCH_OUT)
+	$(VENV)/bin/vitrine bench ingest --quick --model ViT-B-32 --out $(BENCH_OUT)
+	$(VENV)/bin/vitrine bench scale --quick --out $(BENCH_OUT)
+	$(VENV)/bin/vitrine bench quantization --quick --out $(BENCH_OUT)
+	$(VENV)/bin/vitrine bench docs --out $(BENCH_OUT) --page docs/benchmarks.md
+
 clean:
-	rm -rf vitrine/v1 .cache demo_out var .pytest_cache
+	rm -rf vitrine/v1 .cache demo_out var .pytest_cache bench_out
