@@ -66,6 +66,7 @@ class RetrievalServer:
             self.manifest.embedding_dim,
             settings.index,
             token=settings.milvus_token.get_secret_value(),
+            timeout_s=settings.milvus_timeout_s,
             model_id=self.manifest.model_id,
             tls=settings.milvus_tls,
         )

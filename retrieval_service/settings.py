@@ -60,6 +60,8 @@ class Settings(BaseSettings):
         description="Milvus Lite file (path ending .db) or a Milvus server URI such as http://host:19530",
     )
     milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token 'user:password' or API key")
+    milvus_timeout_s: float = Field(10.0, gt=0, description="deadline of one Milvus call, seconds (Milvus Lite "
+                                                           "writes and flushes get at least 60 s)")
     collection: str = Field("", description="Milvus collection; empty = derived from the model id")
     index: IndexSettings = Field(default_factory=IndexSettings)
     blob_dir: Path = Field(Path("var/blobs"), description="content-addressed store of original image bytes")

@@ -151,7 +151,7 @@ class EncoderProcess:
 class MilvusProcess:
     """A Milvus standalone server (the `milvus` package) of our own, restartable on the same ports and data.
 
-    Built like tests/milvus_server.py's `start_milvus_server` (private etcd ports, cached binaries), but keeps
+    Built like `vitrine.milvus_server.start_milvus_server` (private etcd ports, cached binaries), but keeps
     the `MilvusServer` object so `stop()` / `start()` can be called again mid-test; the session-wide server of
     the other tests is never touched.
     """
@@ -159,17 +159,18 @@ class MilvusProcess:
     def __init__(self, base_dir: Path) -> None:
         import milvus  # noqa: PLC0415
         from milvus import MilvusServer, MilvusServerConfig  # noqa: PLC0415
-        from milvus_server import BIN_CACHE, _prepare_bin_cache, _write_etcd_config, _write_template  # noqa: PLC0415
+        from milvus_server import BIN_CACHE  # noqa: PLC0415
+        from vitrine.milvus_server import prepare_bin_cache, write_etcd_config, write_template  # noqa: PLC0415
 
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         link = self.base_dir / "bin"
         if not link.exists():
-            link.symlink_to(_prepare_bin_cache(BIN_CACHE), target_is_directory=True)
-        config = MilvusServerConfig(template=str(_write_template(self.base_dir)))
+            link.symlink_to(prepare_bin_cache(BIN_CACHE), target_is_directory=True)
+        config = MilvusServerConfig(template=str(write_template(self.base_dir)))
         config.glog_conf_file = str(Path(milvus.__file__).parent / "data" / "glog.conf")
         ports = {key: free_port() for key in config.configurable_items if key.endswith("_port")}
-        etcd_yaml = _write_etcd_config(self.base_dir, client_port=ports["etcd_port"], peer_port=free_port())
+        etcd_yaml = write_etcd_config(self.base_dir, client_port=ports["etcd_port"], peer_port=free_port())
         # The package probes each port with a plain bind(); after a stop, the server's closed connections
         # leave the ports in TIME_WAIT for a minute, which that probe (no SO_REUSEADDR) takes for "in use"
         # while the Go server itself binds them fine. Probe the way the server binds.

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks and load tests; results as JSON/CSV/PNG.")
+
+
+def _print_targets(result) -> None:  # noqa: ANN001 - vitrine.bench.report.BenchResult
+    """Print each target as MET or MISSED, with what bounds it when missed."""
+    for target in result.targets:
+        typer.echo(f"{'MET   ' if target.met else 'MISSED'} {target.name}: {target.value:.3f} (goal {target.goal:.3f})"
+                   + (f" - {target.note}" if target.note and not target.met else ""))
+
+
+@contextlib.contextmanager
+def _tool_errors(name: str, failures: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError)) -> Iterator[None]:
+    """Bad arguments (ValueError, FileNotFoundError) -> usage error; `failures` -> message and exit code 1."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    except failures as exc:
+        typer.echo(f"{name} benchmark failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _wrote(out: Path, name: str) -> None:
+    typer.echo(f"wrote {out / (name + '.json')}, {name}.csv, {name}.png")
 
 
 # --- encoder (vitrine/bench/encoder.py) ---------------------------------------------------------------------
@@ -64,23 +89,16 @@ def encoder(
         baseline_s=baseline_s if baseline_s is not None else defaults.get("baseline_s", 3.0),
         url=url, out=out, tune=tune, tune_rounds=tune_rounds,
     )
-    try:
+    with _tool_errors("encoder", (EncoderBenchError,)):
         result = run_encoder_bench(cfg)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    except EncoderBenchError as exc:
-        typer.echo(f"encoder benchmark failed: {exc}", err=True)
-        raise typer.Exit(1) from exc
     for row in result.rows:
         if row["mode"] in ("batching", "nobatch"):
             typer.echo(f"{row['mode']:>8} c={row['concurrency']:>3}: "
                        f"{row['throughput_items_s']:8.1f} items/s  "
                        f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  mean batch "
                        f"{row['triton_mean_batch']}  served/raw {row['served_over_raw']}")
-    for target in result.targets:
-        typer.echo(f"{'MET   ' if target.met else 'MISSED'} {target.name}: {target.value:.3f} "
-                   f"(goal {target.goal})" + (f" - {target.note}" if target.note and not target.met else ""))
-    typer.echo(f"wrote {out / 'encoder.json'}, encoder.csv, encoder.png")
+    _print_targets(result)
+    _wrote(out, "encoder")
 
 
 # --- quantization (vitrine/bench/quantization.py) ------------------------------------------------------------
@@ -106,15 +124,10 @@ def quantization(
     from vitrine.bench.quantization import run_quantization_bench  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with _tool_errors("quantization", (ExportError,)):
         result = run_quantization_bench(out, cache_dir=cache_dir, model=model, repository=repository,
                                         demo_repository=demo_repository, batch_size=batch_size, threads=threads,
                                         repeats=repeats, quick=quick)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    except ExportError as exc:
-        typer.echo(f"quantization benchmark failed: {exc}", err=True)
-        raise typer.Exit(1) from exc
     for row in result.rows:
         if row["part"] == "throughput":
             typer.echo(f"{row['model']} image {row['precision']}: {row['images_per_s']:7.1f} images/s "
@@ -123,9 +136,8 @@ def quantization(
         else:
             typer.echo(f"{row['model']} {row['precision']}: text->image precision@10 {row['precision_at_10']:.4f}, "
                        f"recall@10 vs fp32 {row['recall_at_10_vs_fp32']:.4f}, {row['file_mib']:.1f} MiB")
-    for target in result.targets:
-        typer.echo(f"{'MET   ' if target.met else 'MISSED'} {target.name}: {target.value:.3f} (goal {target.goal})")
-    typer.echo(f"wrote {out / 'quantization.json'}, quantization.csv, quantization.png")
+    _print_targets(result)
+    _wrote(out, "quantization")
 
 
 # --- search and ingest (vitrine/bench/search.py, vitrine/bench/ingest.py) -------------------------------------
@@ -139,12 +151,6 @@ def _bench_repository(repository: Optional[Path], model: Optional[str], cache_di
 
         return ensure_bench_repository(cache_dir, model)
     return repository
-
-
-def _print_targets(result) -> None:  # noqa: ANN001 - vitrine.bench.report.BenchResult
-    for target in result.targets:
-        typer.echo(f"{'MET   ' if target.met else 'MISSED'} {target.name}: {target.value:.3f} (goal {target.goal:.3f})"
-                   + (f" - {target.note}" if target.note and not target.met else ""))
 
 
 _REPOSITORY_HELP = ("Vitrine model repository; default: the offline demo model (trained/exported once under "
@@ -182,19 +188,14 @@ def search(
     filter_flags = tuple(f.strip() for f in filters.split(",") if f.strip())
     if set(filter_flags) - {"off", "on"} or not filter_flags:
         raise typer.BadParameter(f"--filters expects off and/or on, got {filters!r}")
-    try:
+    with _tool_errors("search"):
         result = run_search_bench(
             repository=_bench_repository(repository, model, cache_dir), images_dir=images, out=out,
             cache_dir=cache_dir, concurrency=clients, kinds=kinds, filters=tuple(f == "on" for f in filter_flags),
             duration_s=duration_s, warmup_s=warmup_s, quick=quick, limit=limit, target=target,
             encoder_url=encoder_url)
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    except (RuntimeError, TimeoutError) as exc:
-        typer.echo(f"search benchmark failed: {exc}", err=True)
-        raise typer.Exit(1) from exc
     _print_targets(result)
-    typer.echo(f"wrote {out / 'search.json'}, search.csv, search.png")
+    _wrote(out, "search")
 
 
 @bench_app.command("ingest")
@@ -220,19 +221,14 @@ def ingest(
     """Streaming IngestImages (images/s) vs the seeds' per-image loop and the encoder alone; JSON/CSV/PNG."""
     from vitrine.bench.ingest import run_ingest_bench  # noqa: PLC0415
 
-    try:
+    with _tool_errors("ingest"):
         result = run_ingest_bench(
             repository=_bench_repository(repository, model, cache_dir), images_dir=images, out=out,
             cache_dir=cache_dir, count=count, quick=quick, repeats=repeats, target=target, encoder_url=encoder_url,
             baseline_milvus_uri=baseline_milvus_uri, ingest_batch_size=batch_size,
             ingest_max_inflight_batches=inflight, skip_baseline=skip_baseline)
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    except (RuntimeError, TimeoutError) as exc:
-        typer.echo(f"ingest benchmark failed: {exc}", err=True)
-        raise typer.Exit(1) from exc
     _print_targets(result)
-    typer.echo(f"wrote {out / 'ingest.json'}, ingest.csv, ingest.png")
+    _wrote(out, "ingest")
 
 
 # --- scale (vitrine/bench/scale.py) -------------------------------------------------------------------------
@@ -279,15 +275,10 @@ def scale(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    try:
+    with _tool_errors("scale"):
         result = run_scale(cfg, out, work_dir=work_dir, progress=typer.echo)
-    except (RuntimeError, TimeoutError) as exc:
-        typer.echo(f"scale benchmark failed: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    for target in result.targets:
-        typer.echo(f"{'MET   ' if target.met else 'MISSED'} {target.name}: {target.value:.3f} "
-                   f"(goal {target.goal})" + (f" - {target.note}" if target.note and not target.met else ""))
-    typer.echo(f"wrote {out / 'scale.json'}, scale.csv, scale.png")
+    _print_targets(result)
+    _wrote(out, "scale")
 
 
 # --- docs/benchmarks.md (vitrine/bench/docs.py) -------------------------------------------------------------

@@ -466,7 +466,7 @@ def run_scale(
         RuntimeError: a server did not start, or a collection lost rows.
         TimeoutError: an index was not built within CALL_TIMEOUT_S.
     """
-    from vitrine.bench.milvus_server import DEFAULT_BIN_CACHE, start_milvus_server_process  # noqa: PLC0415
+    from vitrine.milvus_server import DEFAULT_BIN_CACHE, start_milvus_server_process  # noqa: PLC0415
 
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="vitrine-scale-")) if work_dir is None else Path(work_dir)

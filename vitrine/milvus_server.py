@@ -1,8 +1,6 @@
 """Start and stop a real Milvus standalone server (the `milvus` PyPI package, "Milvus 2.3.5-lite").
 
-The same code as tests/milvus_server.py (which adds the pytest fixture), moved into the package so that
-product code (`vitrine bench scale`) can start a server too; `start_milvus_server` keeps that module's
-signature.
+Used by `vitrine bench scale` and by the tests (tests/milvus_server.py is the pytest plugin over it).
 
 The package ships the server binaries (lzma-compressed, ~56 MB -> ~390 MB), so this works offline. Each server
 gets its own base directory (config, logs, etcd, data) and free TCP ports chosen by the OS, so several can run
@@ -28,8 +26,11 @@ from pathlib import Path
 
 #: Decompressed server binaries, kept between runs (the project's cache root, as in tests/conftest.py).
 DEFAULT_BIN_CACHE = Path(os.environ.get("VITRINE_CACHE_DIR", ".cache")) / "milvus-bin-2.3.5"
-#: Seconds to wait for the server to exit after SIGTERM (then SIGKILL, and as long again).
-STOP_TIMEOUT_S = 60.0
+#: Seconds to wait for the server to exit after SIGTERM; then SIGKILL. (Its graceful shutdown often takes
+#: ~60 s; the data of a test or benchmark server is thrown away, so it is not waited for.)
+STOP_GRACE_S = 3.0
+#: Seconds to wait for the process to go after SIGKILL (freeing GBs of memory takes a while on busy cores).
+KILL_TIMEOUT_S = 60.0
 
 
 def _free_port() -> int:
@@ -38,7 +39,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _write_template(base_dir: Path) -> Path:
+def write_template(base_dir: Path) -> Path:
     """The package's milvus.yaml template plus `etcd.config.path`.
 
     The package leaves embedded etcd on etcd's default listeners (client 2379, peer 2380), so a second server
@@ -57,7 +58,7 @@ def _write_template(base_dir: Path) -> Path:
     return path
 
 
-def _write_etcd_config(base_dir: Path, *, client_port: int, peer_port: int) -> Path:
+def write_etcd_config(base_dir: Path, *, client_port: int, peer_port: int) -> Path:
     """An embedded-etcd config (etcd flag names) listening on the given loopback ports only."""
     client, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
     path = base_dir / "etcd.yaml"
@@ -70,7 +71,7 @@ def _write_etcd_config(base_dir: Path, *, client_port: int, peer_port: int) -> P
     return path
 
 
-def _prepare_bin_cache(bin_cache: Path) -> Path:
+def prepare_bin_cache(bin_cache: Path) -> Path:
     """Decompress the package's binaries into `bin_cache/bin` once (file-locked across processes)."""
     import milvus  # noqa: PLC0415
 
@@ -120,18 +121,18 @@ def start_milvus_server_process(
     base_dir = Path(base_dir).resolve()
     base_dir.mkdir(parents=True, exist_ok=True)
     if bin_cache is not None:
-        cached = _prepare_bin_cache(Path(bin_cache).resolve())
+        cached = prepare_bin_cache(Path(bin_cache).resolve())
         link = base_dir / "bin"
         if not link.exists():
             link.symlink_to(cached, target_is_directory=True)
 
     last_error: Exception | None = None
     for _ in range(3):  # a port picked here can be taken by someone else before the server binds it
-        config = MilvusServerConfig(template=str(_write_template(base_dir)))
+        config = MilvusServerConfig(template=str(write_template(base_dir)))
         # set by the package only when it picks its own template
         config.glog_conf_file = str(Path(milvus.__file__).parent / "data" / "glog.conf")
         ports = {key: _free_port() for key in config.configurable_items if key.endswith("_port")}
-        etcd_yaml = _write_etcd_config(base_dir, client_port=ports["etcd_port"], peer_port=_free_port())
+        etcd_yaml = write_etcd_config(base_dir, client_port=ports["etcd_port"], peer_port=_free_port())
         server = MilvusServer(config, **ports)  # explicit ports: bind exactly these or fail
         server.config.set("etcd_config_path", str(etcd_yaml))
         server.webservice_port = _free_port()  # metrics/health HTTP port (METRICS_PORT), else 9091 upwards
@@ -157,10 +158,10 @@ def start_milvus_server_process(
                 if proc is not None and proc.poll() is None:
                     proc.terminate()
                     try:
-                        proc.wait(timeout=STOP_TIMEOUT_S)
+                        proc.wait(timeout=STOP_GRACE_S)
                     except subprocess.TimeoutExpired:
                         proc.kill()
-                        proc.wait(timeout=STOP_TIMEOUT_S)
+                        proc.wait(timeout=KILL_TIMEOUT_S)
                 server.stop()  # closes its log files
 
         atexit.register(stop)
