@@ -11,6 +11,11 @@ import typer
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks and load tests; results as JSON/CSV/PNG.")
 
+# Options every tool (or several) takes.
+OutDir = Annotated[Path, typer.Option(help="output folder")]
+Quick = Annotated[bool, typer.Option(help="the short version used by `make bench`")]
+EncoderUrl = Annotated[Optional[str], typer.Option(help="Triton gRPC host:port (with --target)")]
+
 
 def _print_targets(result) -> None:  # noqa: ANN001 - vitrine.bench.report.BenchResult
     """Print each target as MET or MISSED, with what bounds it when missed."""
@@ -53,14 +58,14 @@ def encoder(
         help="warm-up seconds per point [default 2, --quick 1]")] = None,
     url: Annotated[Optional[str], typer.Option(help="host:port of a running Triton serving <model>_batching/"
                                                     "_nobatch (or <model>); default: start our own")] = None,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("bench_out"),
+    out: OutDir = Path("bench_out"),
     baseline_s: Annotated[Optional[float], typer.Option(
         help="seconds of raw ORT runs per baseline batch size [default 3, --quick 1.5]")] = None,
     cache_dir: Annotated[Path, typer.Option(help="cache for the default bench model")] = Path(".cache"),
     tune: Annotated[bool, typer.Option(help="also measure ORT threads / graph level / instances / preferred "
                                             "batch sizes / max_queue_delay variants at 32 clients")] = False,
     tune_rounds: Annotated[int, typer.Option(help="interleaved rounds of the --tune runs (median reported)")] = 3,
-    quick: Annotated[bool, typer.Option(help="the short version used by `make bench`")] = False,
+    quick: Quick = False,
 ) -> None:
     """Load-test a tower on Triton (KServe v2 gRPC), batching on/off vs raw ONNX Runtime; JSON/CSV/PNG."""
     import logging  # noqa: PLC0415
@@ -113,9 +118,9 @@ def quantization(
     batch_size: Annotated[int, typer.Option(help="images per timed run")] = 32,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads")] = 2,
     repeats: Annotated[Optional[int], typer.Option(help="timed runs per precision [default 10, --quick 3]")] = None,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("bench_out"),
+    out: OutDir = Path("bench_out"),
     cache_dir: Annotated[Path, typer.Option(help="cache for the bench model, int8 copies, demo model")] = Path(".cache"),
-    quick: Annotated[bool, typer.Option(help="the short version used by `make bench`")] = False,
+    quick: Quick = False,
 ) -> None:
     """fp32 vs int8 towers in ONNX Runtime: image-tower images/s, file size, demo precision@10 / recall@10."""
     import logging  # noqa: PLC0415
@@ -172,10 +177,10 @@ def search(
     duration_s: Annotated[Optional[float], typer.Option(help="measured seconds per point [default 10, --quick 2]")] = None,
     warmup_s: Annotated[Optional[float], typer.Option(help="warm-up seconds per point [default 2, --quick 0.5]")] = None,
     target: Annotated[Optional[str], typer.Option(help=_TARGET_HELP)] = None,
-    encoder_url: Annotated[Optional[str], typer.Option(help="Triton gRPC host:port (with --target)")] = None,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("bench_out"),
+    encoder_url: EncoderUrl = None,
+    out: OutDir = Path("bench_out"),
     cache_dir: Annotated[Path, typer.Option(help="cache for the demo / bench models")] = Path(".cache"),
-    quick: Annotated[bool, typer.Option(help="the short version used by `make bench`")] = False,
+    quick: Quick = False,
 ) -> None:
     """End-to-end SearchImages over gRPC: text/image queries x filter off/on x concurrency; QPS, p50/p90/p99."""
     from vitrine.bench.search import run_search_bench  # noqa: PLC0415
@@ -213,10 +218,10 @@ def ingest(
     baseline_milvus_uri: Annotated[Optional[str], typer.Option(
         help="Milvus for the baseline; default: a Milvus Lite file in the run's temp folder")] = None,
     target: Annotated[Optional[str], typer.Option(help=_TARGET_HELP)] = None,
-    encoder_url: Annotated[Optional[str], typer.Option(help="Triton gRPC host:port (with --target)")] = None,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("bench_out"),
+    encoder_url: EncoderUrl = None,
+    out: OutDir = Path("bench_out"),
     cache_dir: Annotated[Path, typer.Option(help="cache for the demo / bench models")] = Path(".cache"),
-    quick: Annotated[bool, typer.Option(help="the short version used by `make bench`")] = False,
+    quick: Quick = False,
 ) -> None:
     """Streaming IngestImages (images/s) vs the seeds' per-image loop and the encoder alone; JSON/CSV/PNG."""
     from vitrine.bench.ingest import run_ingest_bench  # noqa: PLC0415
@@ -253,8 +258,8 @@ def scale(
     seed: Annotated[int, typer.Option(help="seed of the synthetic data and queries")] = 0,
     work_dir: Annotated[Optional[Path], typer.Option(
         help="datasets and Milvus data (1M x 512 needs several GB); default: a temporary folder")] = None,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("bench_out"),
-    quick: Annotated[bool, typer.Option(help="the short version used by `make bench`")] = False,
+    out: OutDir = Path("bench_out"),
+    quick: Quick = False,
 ) -> None:
     """Milvus Lite vs server, FLAT/IVF_FLAT/HNSW at 10k->1M synthetic vectors: insert/build time, search
     p50/p99, recall@10 vs exact search, RSS; JSON/CSV/PNG."""
