@@ -259,14 +259,11 @@ class IngestPipeline:
             await self._flush()
             responses.extend(_response(it, Outcome.INSERTED) for it in rows)
             return responses
-        except DependencyUnavailableError as exc:
-            self.on_unavailable(exc)
+        except Exception as exc:  # noqa: BLE001 - every item is answered, the stream goes on
+            if isinstance(exc, DependencyUnavailableError):
+                self.on_unavailable(exc)  # health NOT_SERVING; the items get UNAVAILABLE
+            status = to_status(exc)  # unexpected exceptions: INTERNAL, logged there
             answered = {r.image_id for r in responses}
-            status = to_status(exc)
-            return responses + [_rejected(it, status) for it in items if it.image_id not in answered]
-        except Exception as exc:  # noqa: BLE001 - every item is answered (INTERNAL, logged), the stream goes on
-            answered = {r.image_id for r in responses}
-            status = to_status(exc)
             return responses + [_rejected(it, status) for it in items if it.image_id not in answered]
 
     async def _flush(self) -> None:

@@ -199,6 +199,7 @@ class RetrievalServer:
             await self.model_reranker.close()
         await self.generator.close()
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
+        self.ingest.blob_executor.shutdown(wait=True)  # bytes of rows being inserted land before exit
         self.store_executor.shutdown(wait=True, cancel_futures=True)
         close = getattr(self.store, "close", None)
         if close is not None:
