@@ -33,6 +33,7 @@ COPY vitrine/ vitrine/
 COPY export/ export/
 COPY encoder_server/ encoder_server/
 COPY retrieval_service/ retrieval_service/
+COPY tools/ tools/
 COPY --from=stubs /src/vitrine/v1/ vitrine/v1/
 # Pinned (docker/serve_constraints.py writes the file from the project venv): a fresh resolution backtracks for
 # minutes and may pick versions the tests never ran.
@@ -44,7 +45,7 @@ WORKDIR /
 RUN /opt/venv/bin/python -c "import importlib.util as u, sys; \
 bad = [m for m in ('torch', 'torchvision', 'open_clip') if u.find_spec(m)]; \
 sys.exit(f'serving image contains {bad}' if bad else 0)" \
- && /opt/venv/bin/python -c "import retrieval_service.server, vitrine.cli"
+ && /opt/venv/bin/python -c "import retrieval_service.grpc.server, tools.cli"
 
 # --- 3. runtime --------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -37,7 +37,7 @@ from tritonclient.grpc import InferenceServerClient, model_config_pb2
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from encoder_server.runtime import create_session, runtime_options_from_config
-from export.triton_config import read_model_config  # torch-free: config.pbtxt <-> ModelConfig
+from vitrine.triton_config import read_model_config  # torch-free: config.pbtxt <-> ModelConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def discover_models(repository: Path) -> list[tuple[Path, model_config_pb2.Model
     """List `(model_dir, config)` for every directory of `repository` that holds a config.pbtxt, by name.
 
     Raises:
-        ValueError: a config.pbtxt is not a valid ModelConfig (from `export.triton_config.read_model_config`).
+        ValueError: a config.pbtxt is not a valid ModelConfig (from `vitrine.triton_config.read_model_config`).
         ModelRepositoryError: `repository` is not a directory, holds no model, a config's `name`
             differs from its directory name (Triton requires them equal), or a model does not batch
             (max_batch_size 0).

@@ -58,7 +58,7 @@ from export import quantize as quantize_mod
 from export.loading import LoadedModel, load_open_clip
 from export.tokenizer_json import write_tokenizer_json
 from export.towers import ImageTower, TextTower
-from export.triton_config import TensorSpec, build_model_config, check_batching, write_model_config
+from vitrine.triton_config import TensorSpec, build_model_config, check_batching, write_model_config
 from vitrine.manifest import MANIFEST_FILE, TOKENIZER_FILE, Manifest, TowerParity
 from vitrine.manifest import ImageTower as ImageTowerSpec
 from vitrine.manifest import TextTower as TextTowerSpec
@@ -199,7 +199,7 @@ def _retrieval_parity(
 
 def _verify_tokenizer_file(path: Path, loaded: LoadedModel, pad_id: int, texts: Sequence[str]) -> None:
     """tokenizer.json + the serving side's cleaning must give open_clip's ids for `texts`."""
-    from retrieval_service.tokenizer import TextTokenizer
+    from vitrine.tokenizer import TextTokenizer
 
     runtime = TextTokenizer(path, loaded.context_length, pad_id).encode_batch(list(texts))
     expected = loaded.tokenizer(list(texts)).numpy()

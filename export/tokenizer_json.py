@@ -20,7 +20,7 @@ Two open_clip tokenizer kinds are supported:
 
 open_clip also cleans text in Python before tokenizing (`ftfy.fix_text`, `html.unescape` twice,
 whitespace collapse, and for clean='lower' `str.lower`). The normalizer above cannot run ftfy, so
-the serving side (`retrieval_service.tokenizer.TextTokenizer`) repeats that cleaning; it reads the
+the serving side (`vitrine.tokenizer.TextTokenizer`) repeats that cleaning; it reads the
 clean mode from this file: a `Lowercase` normalizer step means clean='lower', none means
 clean='whitespace'.
 """

@@ -19,10 +19,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from retrieval_service.auth import AuthSettings
-from retrieval_service.rerank import RerankSettings
+from retrieval_service.grpc.auth import AuthSettings
+from retrieval_service.usecases.rerank import RerankSettings
 from retrieval_service.tls import ClientTlsSettings, ServerTlsSettings
-from retrieval_service.vector_store import IndexSettings
+from retrieval_service.adapters.milvus.store import IndexSettings
 
 MiB = 1024 * 1024
 
@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(64 * MiB, gt=0, description="largest gRPC message accepted/sent, bytes")
     health_interval_s: float = Field(1.0, gt=0, description="dependency health probe period, seconds")
 
-    # --- security (retrieval_service/tls.py, retrieval_service/auth.py) ---------------------------------------
+    # --- security (retrieval_service/tls.py, retrieval_service/grpc/auth.py) ---------------------------------------
     tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings,
                                    description="server TLS (cert_file, key_file; client_ca_file for mutual TLS)")
     auth: AuthSettings = Field(default_factory=AuthSettings,

@@ -30,7 +30,7 @@ def demo(cache_dir):
 
     Training (~2-3 min on 2 cores) happens once; the checkpoint and the export are reused from `cache_dir`.
     """
-    from vitrine.demo import prepare_demo
+    from tools.demo import prepare_demo
 
     return prepare_demo(cache_dir, cache_dir / "test" / "model_repository", cache_dir / "test" / "dataset")
 
@@ -39,7 +39,7 @@ def demo(cache_dir):
 def encoder_server(demo):
     """A real Triton (PyTriton) encoder server over the demo repository on free loopback ports."""
     from encoder_server.server import EncoderServer
-    from vitrine.processes import free_port
+    from tools.processes import free_port
 
     server = EncoderServer(demo.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     server.start()

@@ -1,7 +1,7 @@
 """pytest plugin: one real Milvus standalone server (the `milvus` package) for the whole test session.
 
 `pytest_plugins = ["milvus_server"]` (tests/conftest.py) provides the session fixture `milvus_server_uri`.
-Starting and stopping servers is `vitrine.milvus_server`'s job; tests that need a server of their own call
+Starting and stopping servers is `tools.milvus_server`'s job; tests that need a server of their own call
 `start_milvus_server(base_dir, bin_cache=BIN_CACHE)` from here.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vitrine.milvus_server import milvus_server, prepare_bin_cache, start_milvus_server  # noqa: F401 - re-exported
+from tools.milvus_server import milvus_server, prepare_bin_cache, start_milvus_server  # noqa: F401 - re-exported
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Decompressed server binaries, kept between runs (same cache root as tests/conftest.py).

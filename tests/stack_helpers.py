@@ -24,7 +24,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageOps
 
-from vitrine.processes import Child, free_port, spawn
+from tools.processes import Child, free_port, spawn
 
 SERVICE = "vitrine.v1.RetrievalService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -151,7 +151,7 @@ class EncoderProcess:
 class MilvusProcess:
     """A Milvus standalone server (the `milvus` package) of our own, restartable on the same ports and data.
 
-    Built like `vitrine.milvus_server.start_milvus_server` (private etcd ports, cached binaries), but keeps
+    Built like `tools.milvus_server.start_milvus_server` (private etcd ports, cached binaries), but keeps
     the `MilvusServer` object so `stop()` / `start()` can be called again mid-test; the session-wide server of
     the other tests is never touched.
     """
@@ -160,7 +160,7 @@ class MilvusProcess:
         import milvus  # noqa: PLC0415
         from milvus import MilvusServer, MilvusServerConfig  # noqa: PLC0415
         from milvus_server import BIN_CACHE  # noqa: PLC0415
-        from vitrine.milvus_server import prepare_bin_cache, write_etcd_config, write_template  # noqa: PLC0415
+        from tools.milvus_server import prepare_bin_cache, write_etcd_config, write_template  # noqa: PLC0415
 
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)

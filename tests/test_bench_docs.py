@@ -1,4 +1,4 @@
-"""docs/benchmarks.md generation from benchmark results (vitrine.bench.report + vitrine.bench.docs)."""
+"""docs/benchmarks.md generation from benchmark results (tools.bench.report + tools.bench.docs)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from vitrine.bench.docs import load_results, write_docs
-from vitrine.bench.report import BenchResult, Target, percentiles, read_result, write_result
+from tools.bench.docs import load_results, write_docs
+from tools.bench.report import BenchResult, Target, percentiles, read_result, write_result
 
 
 def _result(name: str, value: float) -> BenchResult:

@@ -12,8 +12,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from vitrine.bench.report import read_result
-from vitrine.cli import app
+from tools.bench.report import read_result
+from tools.cli import app
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -24,7 +24,7 @@ def _csv_rows(path):
 
 
 def test_search_bench_tiny(demo, tmp_path):
-    from vitrine.bench.search import FILTER, run_search_bench
+    from tools.bench.search import FILTER, run_search_bench
 
     out = tmp_path / "out"
     result = run_search_bench(repository=demo.repository, images_dir=demo.dataset, out=out, limit=40,

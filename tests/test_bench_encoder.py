@@ -10,11 +10,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from export.triton_config import read_model_config
-from vitrine.bench.encoder import EncoderBenchConfig
-from vitrine.bench.models import BATCHING_ON_OFF, Variant, batching_variants, tower_model_dir
-from vitrine.bench.report import read_result
-from vitrine.cli import app
+from vitrine.triton_config import read_model_config
+from tools.bench.encoder import EncoderBenchConfig
+from tools.bench.models import BATCHING_ON_OFF, Variant, batching_variants, tower_model_dir
+from tools.bench.report import read_result
+from tools.cli import app
 
 ITEMS = 2  # rows per request, so Triton's inference_count (rows) and request count differ
 

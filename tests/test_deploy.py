@@ -32,7 +32,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from retrieval_service.settings import Settings
-from vitrine.processes import free_port
+from tools.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -294,7 +294,7 @@ def test_image_constraints_pin_the_whole_serving_set(constraints_tool):
 
 
 def test_serving_modules_import_without_torch():
-    code = ("import json, sys; import retrieval_service.server, encoder_server.server, vitrine.cli; "
+    code = ("import json, sys; import retrieval_service.grpc.server, encoder_server.server, tools.cli; "
             f"print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -36,8 +36,8 @@ from encoder_server.runtime import (
     runtime_options_from_config,
     select_providers,
 )
-from export.triton_config import read_model_config
-from retrieval_service.encoder_client import EncoderClient, EncoderMismatchError
+from vitrine.triton_config import read_model_config
+from retrieval_service.adapters.triton.encoder import EncoderClient, EncoderMismatchError
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
 from vitrine.manifest import Manifest
 

@@ -23,8 +23,8 @@ from export import ExportError
 from export import parity as parity_mod
 from export.loading import load_open_clip, register_demo_configs, state_dict_sha256
 from export.onnx_export import export_repository
-from export.triton_config import TensorSpec, build_model_config, read_model_config, write_model_config
-from retrieval_service.tokenizer import TextTokenizer
+from vitrine.triton_config import TensorSpec, build_model_config, read_model_config, write_model_config
+from vitrine.tokenizer import TextTokenizer
 from vitrine.manifest import Manifest
 
 SEED = 1234

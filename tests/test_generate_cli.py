@@ -1,4 +1,4 @@
-"""`vitrine.generate` (one prompt, plan files, resumable batches) against the real stack: the in-process gRPC
+"""`tools.generate` (one prompt, plan files, resumable batches) against the real stack: the in-process gRPC
 service (real Triton encoder, Milvus Lite) with generation pointed at the local fake Gemini server
 (tests/fake_gemini.py), the only stand-in. Plan expansion tests need no server.
 
@@ -20,10 +20,10 @@ import yaml
 from fake_gemini import FakeGemini, RecordedRequest
 from PIL import Image
 
-from retrieval_service.server import create_server
+from retrieval_service.grpc.server import create_server
 from retrieval_service.settings import Settings
 from vitrine.client import IngestFile, VitrineClient
-from vitrine.generate import REPORT_COLUMNS, generate_one, load_plan, run_batch
+from tools.generate import REPORT_COLUMNS, generate_one, load_plan, run_batch
 
 API_KEY = "test-key-0123456789abcdef"
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -13,7 +13,7 @@ import pytest
 from fake_gemini import FakeGemini
 from PIL import Image
 
-from retrieval_service.server import create_server
+from retrieval_service.grpc.server import create_server
 from retrieval_service.settings import Settings
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc

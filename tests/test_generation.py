@@ -22,7 +22,7 @@ from google.genai import types
 from PIL import Image
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
-from retrieval_service.generation import (
+from retrieval_service.adapters.gemini.client import (
     DEFAULT_MODEL,
     Finished,
     GeminiGenerator,
@@ -330,7 +330,7 @@ async def test_retry_then_success_after_two_failures(fake, generator):
 async def test_connection_refused_is_unavailable_after_retries(caplog):
     nowhere = f"http://127.0.0.1:{free_port()}"
     gen = GeminiGenerator(API_KEY, base_url=nowhere, max_retries=2, retry_initial_backoff_s=0.01)
-    caplog.set_level(logging.WARNING, logger="retrieval_service.generation")
+    caplog.set_level(logging.WARNING, logger="retrieval_service.adapters.gemini.client")
     try:
         with pytest.raises(DependencyUnavailableError, match="gemini unavailable: ClientConnectorError"):
             await _collect(gen.stream("nobody listens"))

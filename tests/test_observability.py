@@ -21,7 +21,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from retrieval_service.logs import REQUEST_ID_KEY, configure_logging, make_handler, request_id_from_metadata
-from retrieval_service.server import create_server
+from retrieval_service.grpc.server import create_server
 from retrieval_service.settings import Settings
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
@@ -276,7 +276,7 @@ async def test_request_id_is_echoed_and_tags_every_log_line_of_the_call(service,
 
     # lines written inside the ingest stream's tasks carry the stream's id
     ingest_lines = [r for r in records if r["request_id"] == "obs-test-ingest"]
-    assert {r["logger"] for r in ingest_lines} >= {"vitrine.access", "retrieval_service.ingest"}, ingest_lines
+    assert {r["logger"] for r in ingest_lines} >= {"vitrine.access", "retrieval_service.usecases.ingest"}, ingest_lines
     assert all(r["rpc"] == INGEST for r in ingest_lines)
 
 

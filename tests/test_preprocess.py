@@ -1,4 +1,4 @@
-"""retrieval_service.preprocess against open_clip 3.3.0's own eval transform, on real images.
+"""retrieval_service.usecases.preprocess against open_clip 3.3.0's own eval transform, on real images.
 
 Real photographs (scikit-learn's two sample photos), real handwritten digit scans (load_digits) and the
 file formats people upload (JPEG, PNG with alpha, palette GIF, grayscale, CMYK JPEG, 16-bit PNG).
@@ -21,7 +21,7 @@ from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
 from retrieval_service.errors import ImageRejectedError
-from retrieval_service.preprocess import (
+from retrieval_service.usecases.preprocess import (
     ImageLimits,
     decode_image,
     image_format,
@@ -236,8 +236,8 @@ def test_limits_are_validated():
 
 def test_serving_modules_do_not_import_torch():
     code = (
-        "import sys, retrieval_service.preprocess, retrieval_service.vector_store, "
-        "retrieval_service.blob_store, retrieval_service.errors\n"
+        "import sys, retrieval_service.usecases.preprocess, retrieval_service.adapters.milvus.store, "
+        "retrieval_service.adapters.blob_store, retrieval_service.errors\n"
         "bad = [m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules]\n"
         "print(bad)\nsys.exit(1 if bad else 0)"
     )

@@ -19,8 +19,8 @@ from export.demo.train import ensure_checkpoint
 from export.onnx_export import export_repository
 from export.parity import PARITY_THRESHOLDS, ParityReport, heldout_set, retrieval_parity
 from export.quantize import INT8, int8_node_counts, int8_weight_bytes, quantize_onnx
-from export.triton_config import read_model_config
-from vitrine.bench.report import read_result
+from vitrine.triton_config import read_model_config
+from tools.bench.report import read_result
 from vitrine.manifest import Manifest
 
 #: The retrieval loss an int8 demo export may have against float32 PyTorch (precision@10 on held-out digits).
@@ -130,7 +130,7 @@ def test_retrieval_parity_measures_neighbour_overlap() -> None:
 @pytest.mark.slow
 def test_bench_quantization_tiny(tmp_path: Path, demo) -> None:
     """The bench tool end to end on a tiny setting (random-weight demo architecture); its output parses."""
-    from vitrine.cli import app
+    from tools.cli import app
 
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [

@@ -22,7 +22,7 @@ import grpc
 import pytest
 from google.rpc import code_pb2
 
-from retrieval_service.server import create_server
+from retrieval_service.grpc.server import create_server
 from retrieval_service.settings import Settings
 from stack_helpers import (
     NOT_SERVING,
@@ -231,7 +231,7 @@ def fake_gemini():
 
 def test_sigterm_drains_in_flight_calls_and_exits_0(demo, encoder_server, fake_gemini, tmp_path):
     """A slow GenerateImages stream and an ingest stream still sending are in flight at SIGTERM: both complete
-    OK, new calls are refused, the process exits 0 within its grace period (10 s, retrieval_service.server)."""
+    OK, new calls are refused, the process exits 0 within its grace period (10 s, retrieval_service.grpc.server)."""
     items = unique_images(demo, 40)
     svc = start_service(demo.repository, encoder_server.grpc_url, str(tmp_path / "m.db"), tmp_path / "blobs",
                         tmp_path, env={"VITRINE_GENERATION__API_KEY": "test-key-0123456789",

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pymilvus import MilvusClient
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
-from retrieval_service.rerank import (
+from retrieval_service.usecases.rerank import (
     CANDIDATE_INPUT,
     QUERY_INPUT,
     SCORE_OUTPUT,
@@ -36,7 +36,7 @@ from retrieval_service.rerank import (
     rerank,
     validate_request,
 )
-from retrieval_service.vector_store import Hit, IndexSettings, Row, VectorStore
+from retrieval_service.adapters.milvus.store import Hit, IndexSettings, Row, VectorStore
 
 pytest_plugins = ["milvus_server"]
 

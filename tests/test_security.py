@@ -26,15 +26,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from retrieval_service.auth import AuthSettings, TokenAuthInterceptor
+from retrieval_service.grpc.auth import AuthSettings, TokenAuthInterceptor
 from retrieval_service.errors import ImageRejectedError
-from retrieval_service.preprocess import ImageLimits, decode_image
-from retrieval_service.server import create_server
+from retrieval_service.usecases.preprocess import ImageLimits, decode_image
+from retrieval_service.grpc.server import create_server
 from retrieval_service.settings import Settings
 from retrieval_service.tls import ClientTlsSettings, ServerTlsSettings, TlsConfigError, milvus_tls_kwargs
-from retrieval_service.triton_channel import TritonChannel
+from retrieval_service.adapters.triton.channel import TritonChannel
 from vitrine.client import VitrineClient
-from vitrine.processes import free_port
+from tools.processes import free_port
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from retrieval_service.server import create_server
+from retrieval_service.grpc.server import create_server
 from retrieval_service.settings import Settings
 from vitrine.v1 import retrieval_service_pb2 as pb
 

@@ -14,9 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from retrieval_service.server import create_server
+from retrieval_service.grpc.server import create_server
 from retrieval_service.settings import Settings
-from vitrine.processes import free_port, spawn
+from tools.processes import free_port, spawn
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from export import ExportError
 from export.loading import register_demo_configs
 from export.tokenizer_json import build_tokenizer, write_tokenizer_json
-from retrieval_service.tokenizer import TextTokenizer
+from vitrine.tokenizer import TextTokenizer
 
 TEXTS: dict[str, str] = {
     "english": "a photo of a cat",
@@ -154,7 +154,7 @@ def test_whitespace_clean_mode_keeps_case(tmp_path: Path) -> None:
 def test_serving_modules_import_without_torch() -> None:
     """The serving side (tokenizer, Triton config reader) must not pull in torch or open_clip."""
     code = (
-        "import sys, retrieval_service.tokenizer, export.triton_config; "
+        "import sys, vitrine.tokenizer, vitrine.triton_config; "
         "bad = [m for m in ('torch', 'open_clip') if m in sys.modules]; "
         "assert not bad, bad"
     )

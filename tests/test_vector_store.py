@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval_service.blob_store import BlobStore, content_id
+from retrieval_service.adapters.blob_store import BlobStore, content_id
 from retrieval_service.errors import (
     CollectionMismatchError,
     DependencyUnavailableError,
@@ -28,7 +28,7 @@ from retrieval_service.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from retrieval_service.vector_store import MILVUS_MAX_WINDOW, IndexSettings, Row, VectorStore
+from retrieval_service.adapters.milvus.store import MILVUS_MAX_WINDOW, IndexSettings, Row, VectorStore
 # Provides the session fixture `milvus_server_uri` (a real Milvus standalone server); registering the
 # plugin again from tests/conftest.py is harmless (plugins register once per module name).
 pytest_plugins = ["milvus_server"]
@@ -342,7 +342,7 @@ def test_lite_data_persists_across_processes(tmp_path):
     script = textwrap.dedent(
         f"""
         import json, numpy as np
-        from retrieval_service.vector_store import VectorStore, IndexSettings
+        from retrieval_service.adapters.milvus.store import VectorStore, IndexSettings
         s = VectorStore({uri!r}, "persisted", {DIM}, IndexSettings(index_type="HNSW"), model_id="m")
         q = np.array({VECTORS[7].tolist()!r}, dtype=np.float32)[None]
         print(json.dumps({{"count": s.count(), "top": s.search(q, 1)[0][0].id}}))
@@ -360,7 +360,7 @@ def test_lite_file_held_by_another_process_is_unavailable(tmp_path):
     script = textwrap.dedent(
         f"""
         from retrieval_service.errors import DependencyUnavailableError
-        from retrieval_service.vector_store import VectorStore
+        from retrieval_service.adapters.milvus.store import VectorStore
         try:
             VectorStore({uri!r}, "held", {DIM}).open()
         except DependencyUnavailableError as exc:

@@ -1,4 +1,4 @@
-"""Turn benchmark results (`<out_dir>/*.json` from `vitrine.bench.report.write_result`) into docs/benchmarks.md.
+"""Turn benchmark results (`<out_dir>/*.json` from `tools.bench.report.write_result`) into docs/benchmarks.md.
 
 The page is regenerated, never hand-edited: a machine description, then one section per tool with its
 targets (met or missed, by how much), the measured rows, the plots (copied next to the page) and the notes.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vitrine.bench.report import BenchResult, Target, read_result
+from tools.bench.report import BenchResult, Target, read_result
 
 # Section order on the page; results with other names follow in name order.
 ORDER = ("encoder", "search", "ingest", "scale", "quantization")

@@ -94,7 +94,7 @@ def _gemini_for_demo(out: Path, console: Console) -> Iterator[dict[str, str]]:
         console.print("generation: real Gemini API (VITRINE_GENERATION__API_KEY is set)")
         yield {}
         return
-    from vitrine.processes import Child, free_port  # noqa: PLC0415
+    from tools.processes import Child, free_port  # noqa: PLC0415
 
     port = free_port()
     fake = Path(__file__).resolve().parents[1] / "tests" / "fake_gemini.py"
@@ -162,9 +162,9 @@ def precision_at_k(labels: list[int], wanted: int, k: int = TOP_K) -> float:
 def run_demo(*, out: Path, cache_dir: Path, console: Console) -> dict:
     """Run the demo (see module docstring); returns the numbers it printed and writes them to out/summary.json."""
     from vitrine.client import VitrineClient  # noqa: PLC0415
-    from vitrine.ingest_folder import ingest_folder  # noqa: PLC0415
-    from vitrine.processes import Ports, local_stack  # noqa: PLC0415
-    from vitrine.results import metadata_dict, print_results, results_contact_sheet  # noqa: PLC0415
+    from tools.ingest_folder import ingest_folder  # noqa: PLC0415
+    from tools.processes import Ports, local_stack  # noqa: PLC0415
+    from tools.results import metadata_dict, print_results, results_contact_sheet  # noqa: PLC0415
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

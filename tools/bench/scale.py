@@ -1,7 +1,7 @@
 """`vitrine bench scale`: Milvus at 10k -> 1M vectors, FLAT vs IVF_FLAT vs HNSW, Milvus Lite vs Milvus server.
 
 For each (backend, size, index type) the benchmark creates a fresh collection through the service's own
-`retrieval_service.vector_store.VectorStore` (same schema, upserts, COSINE, search parameters and output
+`retrieval_service.adapters.milvus.store.VectorStore` (same schema, upserts, COSINE, search parameters and output
 fields as the retrieval service), and measures:
 
 * insert_s: upserting all rows (batches of `INSERT_BATCH` rows; the store splits them into 1000-row upserts);
@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from vitrine.bench.report import BenchResult, Target, percentiles, write_result
+from tools.bench.report import BenchResult, Target, percentiles, write_result
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class ScaleConfig:
 
     def index_settings(self, index_type: str, **search: int) -> Any:
         """The service's `IndexSettings` for `index_type`, with search parameters overridden by `search`."""
-        from retrieval_service.vector_store import IndexSettings  # noqa: PLC0415
+        from retrieval_service.adapters.milvus.store import IndexSettings  # noqa: PLC0415
 
         params = {"nlist": self.nlist, "nprobe": self.nprobe, "M": self.M,
                   "efConstruction": self.efConstruction, "ef": self.ef, **search}
@@ -353,7 +353,7 @@ def _run_case(case: _Case) -> list[dict[str, Any]]:
     """Measure one (backend, size, index) in this process; return its rows (default point, then sweeps)."""
     from pymilvus import MilvusClient  # noqa: PLC0415
 
-    from retrieval_service.vector_store import Row, VectorStore  # noqa: PLC0415
+    from retrieval_service.adapters.milvus.store import Row, VectorStore  # noqa: PLC0415
 
     cfg = case.config
     vectors = np.load(case.vectors_path, mmap_mode="r")
@@ -466,7 +466,7 @@ def run_scale(
         RuntimeError: a server did not start, or a collection lost rows.
         TimeoutError: an index was not built within CALL_TIMEOUT_S.
     """
-    from vitrine.milvus_server import DEFAULT_BIN_CACHE, start_milvus_server_process  # noqa: PLC0415
+    from tools.milvus_server import DEFAULT_BIN_CACHE, start_milvus_server_process  # noqa: PLC0415
 
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="vitrine-scale-")) if work_dir is None else Path(work_dir)
@@ -573,7 +573,7 @@ def _notes(config: ScaleConfig) -> list[str]:
         f"{m.spread}), mapped to {config.dim}-d by a random orthonormal map, isotropic noise {m.noise}, "
         "L2-normalised float32; queries are fresh draws (not stored vectors). Uniform random vectors "
         "would make ANN recall look far worse than on real, clustered embeddings.",
-        "Insert and search go through retrieval_service.vector_store.VectorStore (upserts of 1000 rows, "
+        "Insert and search go through retrieval_service.adapters.milvus.store.VectorStore (upserts of 1000 rows, "
         "the service's schema, Session consistency, output fields id/filename/ingest_time/metadata), "
         "metric COSINE.",
         "build_s = flush + index build + load. Server: flush (seal), wait for describe_index to report "

@@ -3,14 +3,14 @@
 Two parts, both in-process with ONNX Runtime's CPU provider (no server):
 
 1. Speed and size: the image tower of an open_clip model with random weights (ViT-B-32 by default, the
-   cached `vitrine.bench.models.ensure_bench_repository` export): images/s at one batch size and thread
+   cached `tools.bench.models.ensure_bench_repository` export): images/s at one batch size and thread
    count, float32 ONNX vs its int8 copy made by `export.quantize.quantize_onnx` with the settings of
    `vitrine export --precision int8` (`export.quantize.INT8`), timed in alternation (fp32 run, int8 run,
    ...) so that load from other processes hits both alike; file sizes; min cosine of int8 vs fp32 output.
-2. Retrieval quality: the trained demo model (`vitrine.demo.prepare_demo`, cached) on its held-out digits
+2. Retrieval quality: the trained demo model (`tools.demo.prepare_demo`, cached) on its held-out digits
    (`export.parity.heldout_set`): text -> image precision@10 of the fp32 and int8 towers, and recall@10 of
    int8 against fp32 (overlap of the top-10 images per query). The inputs are prepared by the serving
-   path (`retrieval_service.preprocess.to_model_input`, `retrieval_service.tokenizer.TextTokenizer`).
+   path (`retrieval_service.usecases.preprocess.to_model_input`, `vitrine.tokenizer.TextTokenizer`).
 
 fp16 / bf16 are not measured on the CPU: ONNX Runtime 1.32's CPU provider has no bfloat16 MatMul kernel,
 and fp16 graphs ran ~2.7x slower than fp32 there (see `export.onnx_export`).
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vitrine.bench.report import BenchResult, Target, write_result
+from tools.bench.report import BenchResult, Target, write_result
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def int8_cache_dir(cache_dir: Path, manifest: Any) -> Path:
 
 
 def _tower_file(repository: Path, tower: str) -> Path:
-    from vitrine.bench.models import tower_model_dir  # noqa: PLC0415
+    from tools.bench.models import tower_model_dir  # noqa: PLC0415
 
     return tower_model_dir(repository, tower) / "1" / "model.onnx"
 
@@ -131,8 +131,8 @@ def demo_retrieval(repository: Path, cache_dir: Path, threads: int) -> dict[str,
         ValueError: the repository's model has no held-out set.
     """
     from export.parity import heldout_set, retrieval_parity  # noqa: PLC0415
-    from retrieval_service.preprocess import to_model_input  # noqa: PLC0415
-    from retrieval_service.tokenizer import TextTokenizer  # noqa: PLC0415
+    from retrieval_service.usecases.preprocess import to_model_input  # noqa: PLC0415
+    from vitrine.tokenizer import TextTokenizer  # noqa: PLC0415
     from vitrine.manifest import Manifest  # noqa: PLC0415
 
     manifest = Manifest.read(repository)
@@ -221,7 +221,7 @@ def run_quantization_bench(
     if batch_size < 1 or threads < 1 or repeats < 1:
         raise ValueError(
             f"batch_size, threads and repeats must be >= 1, got {batch_size}, {threads}, {repeats}")
-    from vitrine.bench.models import ensure_bench_repository  # noqa: PLC0415
+    from tools.bench.models import ensure_bench_repository  # noqa: PLC0415
     from vitrine.manifest import Manifest  # noqa: PLC0415
 
     cache_dir = Path(cache_dir)
@@ -239,7 +239,7 @@ def run_quantization_bench(
     speed = measure_throughput(files, manifest.image.input_name, batch, threads, repeats)
 
     if demo_repository is None:
-        from vitrine.demo import prepare_demo  # noqa: PLC0415
+        from tools.demo import prepare_demo  # noqa: PLC0415
 
         demo_repository = prepare_demo(cache_dir, cache_dir / "demo" / "model_repository",
                                        cache_dir / "demo" / "dataset").repository

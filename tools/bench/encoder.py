@@ -2,7 +2,7 @@
 
 What one run does:
 
-1. Writes a variant model repository (`vitrine.bench.models.batching_variants`): the tower's ONNX file
+1. Writes a variant model repository (`tools.bench.models.batching_variants`): the tower's ONNX file
    served as `<tower model>_batching` (its exported config.pbtxt, dynamic batching on) and
    `<tower model>_nobatch` (same file, no `dynamic_batching`), plus optional tuning variants.
 2. Starts `vitrine serve-encoder` over it as a child process (so the load generator and the server never
@@ -16,7 +16,7 @@ What one run does:
    (`encoder_server.runtime.runtime_options_from_config` of the batching variant: intra-op threads, graph
    optimization level; one session per instance), over a small batch sweep plus the batch sizes the
    server actually executed; the best items/s is the raw ceiling the serving path is compared with.
-5. Writes `encoder.json` / `encoder.csv` (`vitrine.bench.report.write_result`) and `encoder.png`.
+5. Writes `encoder.json` / `encoder.csv` (`tools.bench.report.write_result`) and `encoder.png`.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from vitrine.bench.models import (
+from tools.bench.models import (
     BATCHING_ON_OFF,
     Variant,
     batching_variants,
     latest_model_file,
     tower_model_dir,
 )
-from vitrine.bench.report import BenchResult, Target, percentiles, write_result
+from tools.bench.report import BenchResult, Target, percentiles, write_result
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +213,10 @@ class TowerInput:
 def make_tower_input(repository: Path, tower: str, items: int, seed: int = 0) -> TowerInput:
     """One request's input: random uint8 pixels [items, H, W, 3], or tokenized captions int64 [items, L].
 
-    Text rows are real captions through the repository's tokenizer.json (`retrieval_service.tokenizer`), so
+    Text rows are real captions through the repository's tokenizer.json (`vitrine.tokenizer`), so
     the token count is realistic. Raises FileNotFoundError/ValueError on a repository without that tower.
     """
-    from export.triton_config import read_model_config  # noqa: PLC0415
+    from vitrine.triton_config import read_model_config  # noqa: PLC0415
     from encoder_server.server import numpy_dtype  # noqa: PLC0415
 
     config = read_model_config(tower_model_dir(repository, tower))
@@ -226,7 +226,7 @@ def make_tower_input(repository: Path, tower: str, items: int, seed: int = 0) ->
         rng = np.random.default_rng(seed)
         rows = rng.integers(0, 256, size=(items, *spec.dims), dtype=np.uint8).astype(dtype)
     else:
-        from retrieval_service.tokenizer import TextTokenizer  # noqa: PLC0415
+        from vitrine.tokenizer import TextTokenizer  # noqa: PLC0415
 
         captions = ["red silk cape with gold trim", "a handwritten digit seven", "手写数字七",
                     "a photo of a cat sitting on a wooden table next to a cup of coffee"]
@@ -408,7 +408,7 @@ def _encoder_server(repository: Path, models: Sequence[str], log_dir: Path,
     import tritonclient.grpc as triton_grpc  # noqa: PLC0415
     from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
-    from vitrine.processes import Ports, spawn  # noqa: PLC0415
+    from tools.processes import Ports, spawn  # noqa: PLC0415
 
     ports = Ports.free()
     child = spawn("encoder_bench_server", ["serve-encoder", "--repository", str(repository),
@@ -513,7 +513,7 @@ def run_encoder_bench(cfg: EncoderBenchConfig) -> BenchResult:
         EncoderBenchError: the server did not start, a model is missing at `--url`, or a request failed.
         FileNotFoundError: the repository or its tower is missing.
     """
-    from export.triton_config import read_model_config  # noqa: PLC0415
+    from vitrine.triton_config import read_model_config  # noqa: PLC0415
     from vitrine.manifest import Manifest  # noqa: PLC0415
 
     cfg.validate()

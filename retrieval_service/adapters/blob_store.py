@@ -8,20 +8,17 @@ bytes are harmless. All methods are synchronous and safe to call from several th
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from retrieval_service.errors import InvalidInputError, NotFoundError
-
-_CONTENT_ID = re.compile(r"[0-9a-f]{64}")
+from vitrine.image_ids import image_id_of, is_image_id
 
 
 def content_id(data: bytes) -> str:
-    """Return the id of `data`: its sha256 digest as 64 lowercase hex characters."""
-    return hashlib.sha256(data).hexdigest()
+    """Return the id of `data`: its sha256 digest as 64 lowercase hex characters (`vitrine.image_ids`)."""
+    return image_id_of(data)
 
 
 def check_content_id(image_id: object) -> str:
@@ -30,7 +27,7 @@ def check_content_id(image_id: object) -> str:
     Raises:
         InvalidInputError: anything else (so an id can never be a path or inject into a filter expression).
     """
-    if not isinstance(image_id, str) or _CONTENT_ID.fullmatch(image_id) is None:
+    if not is_image_id(image_id):
         shown = repr(image_id) if len(repr(image_id)) <= 80 else repr(image_id)[:77] + "..."
         raise InvalidInputError(
             f"image id must be 64 lowercase hex characters (a sha256 digest), got {shown}"

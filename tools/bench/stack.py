@@ -78,7 +78,7 @@ class BenchStack:
 def resolve_model(repository: Path | None, images: Path | None, cache_dir: Path) -> tuple[Path, Path]:
     """Return (model repository, image folder), preparing the demo defaults when not given.
 
-    No `repository`: the demo model (`vitrine.demo.prepare_demo` into `<cache_dir>/demo/`, trained and exported
+    No `repository`: the demo model (`tools.demo.prepare_demo` into `<cache_dir>/demo/`, trained and exported
     once, then reused; needs torch/open_clip the first time). No `images`: the demo's held-out digits, written
     to `<cache_dir>/demo/dataset` (`export.demo.data.write_dataset`, no training).
 
@@ -86,7 +86,7 @@ def resolve_model(repository: Path | None, images: Path | None, cache_dir: Path)
         FileNotFoundError: `repository` has no manifest.json, or `images` is not a folder.
     """
     if repository is None:
-        from vitrine.demo import prepare_demo  # noqa: PLC0415 - imports torch
+        from tools.demo import prepare_demo  # noqa: PLC0415 - imports torch
 
         prepared = prepare_demo(cache_dir, cache_dir / DEMO_REPOSITORY, cache_dir / DEMO_DATASET)
         repository = prepared.repository
@@ -143,7 +143,7 @@ def bench_stack(repository: Path, *, target: str | None = None, encoder_url: str
                 ingest_max_inflight_batches: int | None = None) -> Iterator[BenchStack]:
     """Start a private stack over `repository` (or use `target` + `encoder_url`) and yield a BenchStack.
 
-    Private stack: `vitrine.processes.local_stack` on free loopback ports, Milvus Lite file and blob store in a
+    Private stack: `tools.processes.local_stack` on free loopback ports, Milvus Lite file and blob store in a
     fresh temporary folder (under `workdir` when given), `service_env` added to the retrieval service's
     environment (e.g. {"VITRINE_INGEST_BATCH_SIZE": "64"}; VITRINE_ENCODER_TIMEOUT_S defaults to
     ENCODER_TIMEOUT_S); both servers are stopped at exit.
@@ -176,7 +176,7 @@ def bench_stack(repository: Path, *, target: str | None = None, encoder_url: str
             yield BenchStack(target, encoder_url, repository, manifest, tmp_path, local=False,
                              ingest_batch_size=batch, ingest_max_inflight_batches=inflight)
             return
-        from vitrine.processes import Ports, local_stack  # noqa: PLC0415
+        from tools.processes import Ports, local_stack  # noqa: PLC0415
 
         ports = Ports.free()
         with local_stack(repository, ports=ports, milvus_uri=str(tmp_path / "service.db"),

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vitrine.client import VitrineClient
-from vitrine.contact_sheet import SheetItem, write_contact_sheet
+from tools.contact_sheet import SheetItem, write_contact_sheet
 from vitrine.v1 import retrieval_service_pb2 as pb
 
 

@@ -1,6 +1,6 @@
 """Start the two servers as child processes for local use (`vitrine up`, `vitrine demo`) and stop them cleanly.
 
-Each server runs in its own process (`python -m vitrine.cli serve-encoder` / `serve`), so the serving processes
+Each server runs in its own process (`python -m tools.cli serve-encoder` / `serve`), so the serving processes
 never import torch even when the caller (e.g. the demo, which trains a model) did.
 """
 
@@ -73,11 +73,11 @@ class Child:
 
 
 def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Child:
-    """Start `python -m vitrine.cli <args>` with output to `<log_dir>/<name>.log`."""
+    """Start `python -m tools.cli <args>` with output to `<log_dir>/<name>.log`."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     out = open(log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
-    proc = subprocess.Popen([sys.executable, "-m", "vitrine.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, start_new_session=True)
     return Child(name, proc, log_path)
 

@@ -31,8 +31,8 @@ from google.rpc import code_pb2, status_pb2
 
 from retrieval_service.errors import DependencyUnavailableError, ImageRejectedError, InvalidInputError
 from retrieval_service.metrics import ServiceMetrics
-from retrieval_service.status import FieldError, to_status
-from retrieval_service.vector_store import MAX_FILENAME_BYTES, MILVUS_MAX_JSON_BYTES
+from retrieval_service.grpc.status import FieldError, to_status
+from retrieval_service.adapters.milvus.store import MAX_FILENAME_BYTES, MILVUS_MAX_JSON_BYTES
 from vitrine.v1 import retrieval_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ class InflightIds:
 class IngestPipeline:
     """Everything the pipeline calls; built once per server (see server.py)."""
 
-    encoder: Any  # retrieval_service.encoder_client.EncoderClient
-    store: Any  # retrieval_service.vector_store.VectorStore
-    blobs: Any  # retrieval_service.blob_store.BlobStore
+    encoder: Any  # retrieval_service.adapters.triton.encoder.EncoderClient
+    store: Any  # retrieval_service.adapters.milvus.store.VectorStore
+    blobs: Any  # retrieval_service.adapters.blob_store.BlobStore
     preprocess: Callable[[list[bytes]], list[np.ndarray | ImageRejectedError]]
     decode_executor: Executor
     store_executor: Executor
@@ -289,7 +289,7 @@ class IngestPipeline:
 
     def _store(self, ok: list[tuple["_Item", np.ndarray]], embeddings: np.ndarray) -> list[_Item]:
         """Milvus insert of the batch (its bytes are already in the blob store; `_flush` follows). In a thread."""
-        from retrieval_service.vector_store import Row  # noqa: PLC0415 - keep module import light
+        from retrieval_service.adapters.milvus.store import Row  # noqa: PLC0415 - keep module import light
 
         now_ms = int(time.time() * 1000)
         rows = []

@@ -1,7 +1,7 @@
 """RPC handlers of `vitrine.v1.RetrievalService` (see proto/vitrine/v1/retrieval_service.proto).
 
 Handlers validate the request, then call the encoder (Triton) and the vector store (Milvus, in a thread pool).
-Exceptions from the layers below become gRPC statuses in `retrieval_service.status`.
+Exceptions from the layers below become gRPC statuses in `retrieval_service.grpc.status`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError, NotFoundError
-from retrieval_service.filters import validate_filter
-from retrieval_service.generation import GeminiGenerator, GenerationNotConfiguredError, GenerationOptions
-from retrieval_service.generation import Finished as GenerationFinished
-from retrieval_service.generation import ImageChunk, TextChunk
-from retrieval_service.health import HealthMonitor
-from retrieval_service.ingest import IngestPipeline
-from retrieval_service.pagination import MILVUS_MAX_WINDOW, decode_page_token, encode_page_token, query_fingerprint
-from retrieval_service.rerank import ModelReranker, RerankMethod, rerank, validate_request
+from retrieval_service.usecases.filters import validate_filter
+from retrieval_service.adapters.gemini.client import GeminiGenerator, GenerationNotConfiguredError, GenerationOptions
+from retrieval_service.adapters.gemini.client import Finished as GenerationFinished
+from retrieval_service.adapters.gemini.client import ImageChunk, TextChunk
+from retrieval_service.grpc.health import HealthMonitor
+from retrieval_service.usecases.ingest import IngestPipeline
+from retrieval_service.usecases.pagination import MILVUS_MAX_WINDOW, decode_page_token, encode_page_token, query_fingerprint
+from retrieval_service.usecases.rerank import ModelReranker, RerankMethod, rerank, validate_request
 from retrieval_service.settings import Settings
-from retrieval_service.status import FieldError, rpc_errors, to_status
+from retrieval_service.grpc.status import FieldError, rpc_errors, to_status
 from vitrine.manifest import Manifest
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
@@ -74,10 +74,10 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         *,
         settings: Settings,
         manifest: Manifest,
-        tokenizer: Any,  # retrieval_service.tokenizer.TextTokenizer
-        encoder: Any,  # retrieval_service.encoder_client.EncoderClient
-        store: Any,  # retrieval_service.vector_store.VectorStore
-        blobs: Any,  # retrieval_service.blob_store.BlobStore
+        tokenizer: Any,  # vitrine.tokenizer.TextTokenizer
+        encoder: Any,  # retrieval_service.adapters.triton.encoder.EncoderClient
+        store: Any,  # retrieval_service.adapters.milvus.store.VectorStore
+        blobs: Any,  # retrieval_service.adapters.blob_store.BlobStore
         preprocess: Any,  # list[bytes] -> list[uint8 [H, W, 3] | ImageRejectedError]
         ingest: IngestPipeline,
         health: HealthMonitor,
@@ -236,7 +236,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
     @rpc_errors
     async def GetImage(self, request: pb.GetImageRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         """Return an image's record, original bytes and MIME type; NOT_FOUND if it is not in the collection."""
-        from retrieval_service.preprocess import image_format  # noqa: PLC0415
+        from retrieval_service.usecases.preprocess import image_format  # noqa: PLC0415
 
         image_id = check_image_id(request.image_id)
         rows = await self._in_store(self._store.get, [image_id])
@@ -305,7 +305,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
 
     async def _references(self, request: pb.GenerateImagesRequest) -> list[tuple[pb.SearchResult, bytes, str]]:
         """Find the reference images: (result, original bytes, MIME type) in the order they go to Gemini."""
-        from retrieval_service.preprocess import image_format  # noqa: PLC0415
+        from retrieval_service.usecases.preprocess import image_format  # noqa: PLC0415
 
         limit = self._s.generation.max_reference_images
         kind = request.WhichOneof("references")

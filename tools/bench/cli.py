@@ -17,7 +17,7 @@ Quick = Annotated[bool, typer.Option(help="the short version used by `make bench
 EncoderUrl = Annotated[Optional[str], typer.Option(help="Triton gRPC host:port (with --target)")]
 
 
-def _print_targets(result) -> None:  # noqa: ANN001 - vitrine.bench.report.BenchResult
+def _print_targets(result) -> None:  # noqa: ANN001 - tools.bench.report.BenchResult
     """Print each target as MET or MISSED, with what bounds it when missed."""
     for target in result.targets:
         typer.echo(f"{'MET   ' if target.met else 'MISSED'} {target.name}: {target.value:.3f} (goal {target.goal:.3f})"
@@ -40,7 +40,7 @@ def _wrote(out: Path, name: str) -> None:
     typer.echo(f"wrote {out / (name + '.json')}, {name}.csv, {name}.png")
 
 
-# --- encoder (vitrine/bench/encoder.py) ---------------------------------------------------------------------
+# --- encoder (tools/bench/encoder.py) ---------------------------------------------------------------------
 
 @bench_app.command("encoder")
 def encoder(
@@ -70,13 +70,13 @@ def encoder(
     """Load-test a tower on Triton (KServe v2 gRPC), batching on/off vs raw ONNX Runtime; JSON/CSV/PNG."""
     import logging  # noqa: PLC0415
 
-    from vitrine.bench.encoder import (  # noqa: PLC0415
+    from tools.bench.encoder import (  # noqa: PLC0415
         QUICK,
         EncoderBenchConfig,
         EncoderBenchError,
         run_encoder_bench,
     )
-    from vitrine.bench.models import ensure_bench_repository  # noqa: PLC0415
+    from tools.bench.models import ensure_bench_repository  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -106,7 +106,7 @@ def encoder(
     _wrote(out, "encoder")
 
 
-# --- quantization (vitrine/bench/quantization.py) ------------------------------------------------------------
+# --- quantization (tools/bench/quantization.py) ------------------------------------------------------------
 
 @bench_app.command("quantization")
 def quantization(
@@ -126,7 +126,7 @@ def quantization(
     import logging  # noqa: PLC0415
 
     from export import ExportError  # noqa: PLC0415
-    from vitrine.bench.quantization import run_quantization_bench  # noqa: PLC0415
+    from tools.bench.quantization import run_quantization_bench  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _tool_errors("quantization", (ExportError,)):
@@ -145,14 +145,14 @@ def quantization(
     _wrote(out, "quantization")
 
 
-# --- search and ingest (vitrine/bench/search.py, vitrine/bench/ingest.py) -------------------------------------
+# --- search and ingest (tools/bench/search.py, tools/bench/ingest.py) -------------------------------------
 
 def _bench_repository(repository: Optional[Path], model: Optional[str], cache_dir: Path) -> Optional[Path]:
     """--repository, else the random-weight export of --model, else None (the demo model)."""
     if repository is not None and model is not None:
         raise typer.BadParameter("give --repository or --model, not both")
     if model is not None:
-        from vitrine.bench.models import ensure_bench_repository  # noqa: PLC0415
+        from tools.bench.models import ensure_bench_repository  # noqa: PLC0415
 
         return ensure_bench_repository(cache_dir, model)
     return repository
@@ -183,7 +183,7 @@ def search(
     quick: Quick = False,
 ) -> None:
     """End-to-end SearchImages over gRPC: text/image queries x filter off/on x concurrency; QPS, p50/p90/p99."""
-    from vitrine.bench.search import run_search_bench  # noqa: PLC0415
+    from tools.bench.search import run_search_bench  # noqa: PLC0415
 
     try:
         clients = tuple(int(x) for x in concurrency.split(",") if x.strip())
@@ -224,7 +224,7 @@ def ingest(
     quick: Quick = False,
 ) -> None:
     """Streaming IngestImages (images/s) vs the seeds' per-image loop and the encoder alone; JSON/CSV/PNG."""
-    from vitrine.bench.ingest import run_ingest_bench  # noqa: PLC0415
+    from tools.bench.ingest import run_ingest_bench  # noqa: PLC0415
 
     with _tool_errors("ingest"):
         result = run_ingest_bench(
@@ -236,7 +236,7 @@ def ingest(
     _wrote(out, "ingest")
 
 
-# --- scale (vitrine/bench/scale.py) -------------------------------------------------------------------------
+# --- scale (tools/bench/scale.py) -------------------------------------------------------------------------
 
 @bench_app.command("scale")
 def scale(
@@ -265,7 +265,7 @@ def scale(
     p50/p99, recall@10 vs exact search, RSS; JSON/CSV/PNG."""
     import dataclasses  # noqa: PLC0415
 
-    from vitrine.bench.scale import QUICK, ScaleConfig, parse_sizes, run_scale  # noqa: PLC0415
+    from tools.bench.scale import QUICK, ScaleConfig, parse_sizes, run_scale  # noqa: PLC0415
 
     base = QUICK if quick else ScaleConfig()
     try:
@@ -286,7 +286,7 @@ def scale(
     _wrote(out, "scale")
 
 
-# --- docs/benchmarks.md (vitrine/bench/docs.py) -------------------------------------------------------------
+# --- docs/benchmarks.md (tools/bench/docs.py) -------------------------------------------------------------
 
 @bench_app.command("docs")
 def docs(
@@ -294,7 +294,7 @@ def docs(
     page: Annotated[Path, typer.Option(help="the Markdown page to regenerate")] = Path("docs/benchmarks.md"),
 ) -> None:
     """Regenerate docs/benchmarks.md (tables, targets, plots, machine) from the results in --out."""
-    from vitrine.bench.docs import write_docs  # noqa: PLC0415
+    from tools.bench.docs import write_docs  # noqa: PLC0415
 
     try:
         written = write_docs(out, page)

@@ -22,21 +22,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from retrieval_service.auth import TokenAuthInterceptor
-from retrieval_service.blob_store import BlobStore
-from retrieval_service.encoder_client import EncoderClient
+from retrieval_service.grpc.auth import TokenAuthInterceptor
+from retrieval_service.adapters.blob_store import BlobStore
+from retrieval_service.adapters.triton.encoder import EncoderClient
 from retrieval_service.errors import DependencyUnavailableError
-from retrieval_service.generation import GeminiGenerator
-from retrieval_service.health import HealthMonitor
-from retrieval_service.ingest import IngestPipeline, InflightIds
+from retrieval_service.adapters.gemini.client import GeminiGenerator
+from retrieval_service.grpc.health import HealthMonitor
+from retrieval_service.usecases.ingest import IngestPipeline, InflightIds
 from retrieval_service.metrics import MetricsHttpServer, ServiceMetrics
-from retrieval_service.preprocess import ImageLimits, preprocess_batch
-from retrieval_service.rerank import ModelReranker
-from retrieval_service.service import RetrievalService
+from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch
+from retrieval_service.usecases.rerank import ModelReranker
+from retrieval_service.grpc.handlers import RetrievalService
 from retrieval_service.settings import Settings
 from retrieval_service.tls import server_credentials
-from retrieval_service.tokenizer import TextTokenizer
-from retrieval_service.vector_store import VectorStore, redact_uri
+from vitrine.tokenizer import TextTokenizer
+from retrieval_service.adapters.milvus.store import VectorStore, redact_uri
 from vitrine.manifest import Manifest
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
@@ -119,7 +119,7 @@ class RetrievalServer:
         self.metrics_http = MetricsHttpServer(self.metrics.registry)
         # Server interceptors, outermost first (e.g. metrics, then auth).
         interceptors: list[grpc.aio.ServerInterceptor] = [self.metrics.interceptor()]
-        # Bearer-token auth (retrieval_service/auth.py) runs inside any metrics interceptor, so rejected calls count.
+        # Bearer-token auth (retrieval_service/grpc/auth.py) runs inside any metrics interceptor, so rejected calls count.
         self.auth = TokenAuthInterceptor.from_settings(settings.auth)
         if self.auth is not None:
             interceptors.append(self.auth)

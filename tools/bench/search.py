@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from vitrine.bench.report import BenchResult, Target, percentiles, write_result
-from vitrine.bench.stack import (
+from tools.bench.report import BenchResult, Target, percentiles, write_result
+from tools.bench.stack import (
     BenchImage,
     BenchStack,
     bench_stack,
@@ -172,7 +172,7 @@ def check_results(target: str, images: Sequence[BenchImage]) -> list[str]:
     finds itself first (score ~1).
     """
     from vitrine.client import VitrineClient  # noqa: PLC0415
-    from vitrine.results import metadata_dict  # noqa: PLC0415
+    from tools.results import metadata_dict  # noqa: PLC0415
 
     problems = []
     with VitrineClient(target) as client:
@@ -198,7 +198,7 @@ def text_encode_ms(stack: BenchStack, repeats: int) -> list[float]:
     """
     import tritonclient.grpc as triton_grpc  # noqa: PLC0415
 
-    from retrieval_service.tokenizer import TextTokenizer  # noqa: PLC0415
+    from vitrine.tokenizer import TextTokenizer  # noqa: PLC0415
 
     tower = stack.manifest.text
     ids = TextTokenizer.from_repository(stack.repository, stack.manifest).encode_batch([TEXT_QUERIES[0]])
@@ -225,7 +225,7 @@ def paired_text_ms(stack: BenchStack, repeats: int, filtered: bool) -> tuple[lis
     """
     import tritonclient.grpc as triton_grpc  # noqa: PLC0415
 
-    from retrieval_service.tokenizer import TextTokenizer  # noqa: PLC0415
+    from vitrine.tokenizer import TextTokenizer  # noqa: PLC0415
     from vitrine.client import VitrineClient  # noqa: PLC0415
 
     tower = stack.manifest.text
@@ -257,7 +257,7 @@ def image_encode_ms(stack: BenchStack, image: BenchImage, repeats: int) -> list[
     """Latency (ms) of decode + preprocess + the image tower alone (batch 1, sequential), 3 untimed calls first."""
     import tritonclient.grpc as triton_grpc  # noqa: PLC0415
 
-    from retrieval_service.preprocess import ImageLimits, preprocess_batch  # noqa: PLC0415
+    from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch  # noqa: PLC0415
 
     tower = stack.manifest.image
     client = triton_grpc.InferenceServerClient(stack.encoder_url)

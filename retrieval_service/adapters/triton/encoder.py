@@ -23,7 +23,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
-from retrieval_service.triton_channel import TritonChannel
+from retrieval_service.adapters.triton.channel import TritonChannel
 from vitrine.manifest import Manifest
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Three measurements on the same images, the same Triton encoder and the same Milvus engine, one after another:
 
-* **encoder** (the ceiling): the images, decoded and preprocessed beforehand (`retrieval_service.preprocess`),
+* **encoder** (the ceiling): the images, decoded and preprocessed beforehand (`retrieval_service.usecases.preprocess`),
   sent to the image tower with tritonclient in batches of the service's `ingest_batch_size`, one batch at a
   time and `ingest_max_inflight_batches` batches at a time; the faster of the two is "encoder throughput".
   Also one image per request (SINGLE_IMAGES images): what batching alone is worth on this model and CPU.
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from vitrine.bench.report import BenchResult, Target, write_result
-from vitrine.bench.stack import BenchImage, BenchStack, bench_stack, load_images, resolve_model, salted, stream_ingest
+from tools.bench.report import BenchResult, Target, write_result
+from tools.bench.stack import BenchImage, BenchStack, bench_stack, load_images, resolve_model, salted, stream_ingest
 
 QUICK_IMAGES = 200
 #: Images timed one per request for the encoder's batch-1 throughput (the per-image baseline's ceiling).
@@ -41,7 +41,7 @@ FULL_IMAGES = 1000
 
 def preprocessor(stack: BenchStack) -> Callable[[Sequence[bytes]], list[Any]]:
     """The service's preprocessing for this model: list of encoded images -> list of uint8 [H, W, 3] (or errors)."""
-    from retrieval_service.preprocess import ImageLimits, preprocess_batch  # noqa: PLC0415
+    from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch  # noqa: PLC0415
 
     return partial(preprocess_batch, spec=stack.manifest.image, limits=ImageLimits())
 
@@ -111,7 +111,7 @@ def baseline_ingest(stack: BenchStack, images: Sequence[BenchImage], milvus_uri:
     """
     import tritonclient.grpc as triton_grpc  # noqa: PLC0415
 
-    from retrieval_service.vector_store import IndexSettings, Row, VectorStore  # noqa: PLC0415
+    from retrieval_service.adapters.milvus.store import IndexSettings, Row, VectorStore  # noqa: PLC0415
 
     tower = stack.manifest.image
     preprocess = preprocessor(stack)
@@ -279,7 +279,7 @@ def run_ingest_bench(*, repository: Path | None = None, images_dir: Path | None 
                              "mean_exec_batch": 1.0})
                 log(f"  baseline: {count / seconds:.1f} images/s ({seconds:.2f} s, {stored} rows)")
         if not stack.local:
-            from vitrine.bench.stack import drop_run_rows  # noqa: PLC0415
+            from tools.bench.stack import drop_run_rows  # noqa: PLC0415
 
             notes.append(f"ran against {stack.target}; deleted its {drop_run_rows(stack.target, stack.run_id)} "
                          "bench rows afterwards")

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitrine.bench.cli import bench_app
+from tools.bench.cli import bench_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -122,7 +122,7 @@ def train_demo(
 ) -> None:
     """Train (or reuse) the offline demo CLIP on scikit-learn digits, export it, write the demo data set."""
     _logging(False)
-    from vitrine.demo import prepare_demo  # noqa: PLC0415
+    from tools.demo import prepare_demo  # noqa: PLC0415
 
     prepared = prepare_demo(cache_dir, output, dataset)
     console.print(f"model repository: {prepared.repository} ({prepared.manifest.model_id})")
@@ -170,7 +170,7 @@ def serve(
     import asyncio  # noqa: PLC0415
 
     from retrieval_service.logs import configure_logging  # noqa: PLC0415
-    from retrieval_service.server import serve as serve_async  # noqa: PLC0415
+    from retrieval_service.grpc.server import serve as serve_async  # noqa: PLC0415
     from retrieval_service.settings import Settings  # noqa: PLC0415
 
     overrides = dict(model_repository=repository, host=host, port=port, encoder_url=encoder_url,
@@ -191,7 +191,7 @@ def up(
 ) -> None:
     """Start the encoder server and the retrieval service on the default ports for local use; Ctrl-C stops."""
     _logging(False)
-    from vitrine.processes import Ports, local_stack  # noqa: PLC0415
+    from tools.processes import Ports, local_stack  # noqa: PLC0415
 
     with local_stack(repository, ports=Ports(), milvus_uri=milvus_uri, blob_dir=blob_dir,
                      log_dir=Path("var/logs")) as stack:
@@ -214,7 +214,7 @@ def ingest(
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Ingest every image under FOLDER with a progress bar; prints counts and images/s."""
-    from vitrine.ingest_folder import ingest_folder  # noqa: PLC0415
+    from tools.ingest_folder import ingest_folder  # noqa: PLC0415
 
     report = ingest_folder(target, folder, metadata)
     console.print(report.summary())
@@ -239,7 +239,7 @@ def search(
     from google.protobuf import json_format  # noqa: PLC0415
 
     from vitrine.client import VitrineClient  # noqa: PLC0415
-    from vitrine.results import print_results, results_contact_sheet  # noqa: PLC0415
+    from tools.results import print_results, results_contact_sheet  # noqa: PLC0415
 
     if (text is None) == (image is None):
         raise typer.BadParameter("give a TEXT query or --image (one of them)")
@@ -321,7 +321,7 @@ def generate(
     import grpc  # noqa: PLC0415
 
     from vitrine.client import VitrineClient  # noqa: PLC0415
-    from vitrine.generate import generate_one  # noqa: PLC0415
+    from tools.generate import generate_one  # noqa: PLC0415
 
     options = {k: v for k, v in dict(temperature=temperature, seed=seed, aspect_ratio=aspect_ratio).items()
                if v is not None}
@@ -348,13 +348,13 @@ def generate(
 
 @app.command("generate-batch")
 def generate_batch(
-    plan: Annotated[Path, typer.Argument(help="plan file, YAML or CSV (see vitrine/generate.py)")],
+    plan: Annotated[Path, typer.Argument(help="plan file, YAML or CSV (see tools/generate.py)")],
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("generated"),
     concurrency: Annotated[Optional[int], typer.Option(help="calls in flight; default the plan's")] = None,
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Run a generation plan (prompt template x rows x scenes): bounded concurrency, resumable, report file."""
-    from vitrine.generate import run_batch  # noqa: PLC0415
+    from tools.generate import run_batch  # noqa: PLC0415
 
     report = run_batch(target, plan, output, concurrency=concurrency)
     console.print(f"{report.counts} in {report.wall_s:.1f} s; report: {report.report_json}, {report.report_csv}")
@@ -370,7 +370,7 @@ def demo(
 ) -> None:
     """End to end on embedded defaults: train/export the demo model, start both servers, ingest, search."""
     _logging(False)
-    from vitrine.demo import run_demo  # noqa: PLC0415
+    from tools.demo import run_demo  # noqa: PLC0415
 
     run_demo(out=out, cache_dir=cache_dir, console=console)
 

@@ -66,8 +66,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
-from retrieval_service.triton_channel import TritonChannel
-from retrieval_service.vector_store import MILVUS_MAX_WINDOW, Hit
+from retrieval_service.adapters.triton.channel import TritonChannel
+from retrieval_service.adapters.milvus.store import MILVUS_MAX_WINDOW, Hit
 
 log = logging.getLogger(__name__)
 

@@ -61,8 +61,8 @@ from pymilvus.exceptions import (
     MilvusUnavailableException,
 )
 
-from retrieval_service.blob_store import check_content_id
-from retrieval_service.filters import validate_filter
+from retrieval_service.adapters.blob_store import check_content_id
+from retrieval_service.usecases.filters import validate_filter
 from retrieval_service.tls import ClientTlsSettings, milvus_tls_kwargs
 from retrieval_service.errors import (
     CollectionMismatchError,
@@ -492,7 +492,7 @@ class VectorStore:
 
     @staticmethod
     def _check_filter(filter_expr: object) -> str:
-        """Validate a client filter against the schema (retrieval_service.filters); return Milvus' expression."""
+        """Validate a client filter against the schema (retrieval_service.usecases.filters); return Milvus' expression."""
         if not isinstance(filter_expr, str):
             raise InvalidFilterError(f"filter must be a string, got {type(filter_expr).__name__}")
         return validate_filter(filter_expr)
@@ -621,7 +621,7 @@ class VectorStore:
             offset: results to skip (pagination); offset + top_k <= 16384 (Milvus' window).
             filter: boolean expression over id / filename / ingest_time / metadata, e.g.
                 'metadata["label"] == 3 and filename like "cat%"'; '' for none. Checked and re-rendered by
-                retrieval_service.filters (grammar there) before Milvus sees it.
+                retrieval_service.usecases.filters (grammar there) before Milvus sees it.
             min_score: drop hits whose cosine similarity is below it.
             with_vectors: also return each hit's stored embedding (Hit.embedding, float32 [dim]; as
                 stored, i.e. L2-normalized by the encoder), e.g. for a rerank stage; else it is None.
@@ -631,7 +631,7 @@ class VectorStore:
 
         Raises:
             InvalidInputError: bad shape/dtype/values, top_k, offset or window.
-            InvalidFilterError: `filter` is outside the grammar of retrieval_service.filters (the message names
+            InvalidFilterError: `filter` is outside the grammar of retrieval_service.usecases.filters (the message names
                 the token and position), or Milvus cannot parse it (its message included).
             DependencyUnavailableError: Milvus is unreachable.
         """

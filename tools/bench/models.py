@@ -132,7 +132,7 @@ def batching_variants(repository: Path, out_dir: Path, variants: Sequence[Varian
 
     Each model folder `<out_dir>/<tower model>_<suffix>/` holds a `config.pbtxt` derived from the
     tower's exported config (name changed, the variant's settings applied, via
-    `export.triton_config.read_model_config` / `write_model_config`) and `1/model.onnx`, a symlink to the
+    `vitrine.triton_config.read_model_config` / `write_model_config`) and `1/model.onnx`, a symlink to the
     tower's ONNX file in `repository`, so every variant runs the same bytes. `out_dir` is replaced when it
     exists. The variant repository has no manifest (it is for the encoder server only).
 
@@ -147,10 +147,10 @@ def batching_variants(repository: Path, out_dir: Path, variants: Sequence[Varian
 
     Raises:
         ValueError: duplicate or empty suffix, unknown tower, or invalid batching settings (e.g. a preferred
-            batch size above max_batch_size; `export.triton_config.check_batching`).
+            batch size above max_batch_size; `vitrine.triton_config.check_batching`).
         FileNotFoundError: the repository lacks a manifest, a tower folder or its ONNX file.
     """
-    from export.triton_config import check_batching, read_model_config, write_model_config  # noqa: PLC0415
+    from vitrine.triton_config import check_batching, read_model_config, write_model_config  # noqa: PLC0415
 
     suffixes = [v.suffix for v in variants]
     if len(set(suffixes)) != len(suffixes) or not all(s and s.replace("_", "").isalnum() for s in suffixes):

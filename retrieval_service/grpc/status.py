@@ -16,7 +16,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from retrieval_service.generation import (
+from retrieval_service.adapters.gemini.client import (
     GenerationNotConfiguredError,
     GenerationPermissionError,
     GenerationQuotaError,

@@ -3,7 +3,7 @@ r"""Validation of client filter expressions before they reach Milvus.
 A request's `filter` is a Milvus boolean expression. Sent as is, it could name any field of the collection
 (the `embedding` vector field included), call Milvus functions, or hit parser differences between Milvus Lite
 and a Milvus server. `validate_filter` parses it with the small grammar below, allows only the collection's
-scalar fields (see `retrieval_service.vector_store`'s schema) and returns a canonical re-rendering of the parse
+scalar fields (see `retrieval_service.adapters.milvus.store`'s schema) and returns a canonical re-rendering of the parse
 tree: Milvus only ever sees text this module produced, never the client's text.
 
 Grammar (EBNF; keywords are case-insensitive, `&&` `||` `!` are synonyms of `and` `or` `not`):
@@ -52,7 +52,7 @@ from retrieval_service.errors import InvalidFilterError
 
 FieldKind = Literal["id", "string", "int64", "json"]
 
-#: The filterable fields of a Vitrine collection (retrieval_service.vector_store schema) and their kinds.
+#: The filterable fields of a Vitrine collection (retrieval_service.adapters.milvus.store schema) and their kinds.
 #: `embedding` (FLOAT_VECTOR) is deliberately absent.
 FIELDS: Mapping[str, FieldKind] = {"id": "id", "filename": "string", "ingest_time": "int64", "metadata": "json"}
 #: Longest filter accepted, characters.
