@@ -39,17 +39,16 @@ from export.demo.data import (
     split_indices,
     write_dataset,
 )
-from export.demo.train import (
-    Recipe,
+from export.demo.cache import (
     cache_key,
     cached_checkpoint,
     checkpoint_paths,
-    create_demo_model,
-    encode_text_bucketed,
     ensure_checkpoint,
-    evaluate,
     read_checkpoint_info,
 )
+from export.demo.evaluate import evaluate
+from export.demo.model import create_demo_model, encode_text_bucketed
+from export.demo.recipe import Recipe
 
 MIN_PRECISION = 0.95
 

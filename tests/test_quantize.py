@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from export import ExportError
 from export.demo import MODEL_NAME
-from export.demo.train import ensure_checkpoint
+from export.demo.cache import ensure_checkpoint
 from export.onnx_export import export_repository
 from export.parity import PARITY_THRESHOLDS, ParityReport, heldout_set, retrieval_parity
 from export.quantize import INT8, int8_node_counts, int8_weight_bytes, quantize_onnx

@@ -15,8 +15,11 @@ No model weights can be downloaded where Vitrine is developed, so the demo train
   the digit rendering, and the PNG + metadata.jsonl writer.
 - `export.demo.captions`: English and Chinese caption templates (training) and evaluation
   phrasings that match no training template.
-- `export.demo.train`: `ensure_checkpoint` (train once, cache by a content key) and `evaluate`
-  (precision@10 on the held-out split).
+- `export.demo.cache`: `ensure_checkpoint` (train once, cache by a content key, `cache_key`).
+- `export.demo.train`: the training loop `train`, with `recipe` (`Recipe`, the hyperparameters),
+  `losses` (soft CLIP + supervised contrastive), `augment` (random affine, caption sampling) and
+  `model` (`create_demo_model`, trimmed/bucketed text encoding).
+- `export.demo.evaluate`: `evaluate` (precision@10 on the held-out split).
 
 This module imports neither torch nor open_clip; `register_model_config` imports open_clip lazily.
 """
