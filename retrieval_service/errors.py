@@ -1,10 +1,11 @@
-"""Typed exceptions raised by the retrieval service's storage and preprocessing layers.
+"""The exceptions every layer of the retrieval service raises; nothing here knows about gRPC or HTTP.
 
-The gRPC servicer maps them to status codes; nothing here knows about gRPC:
+The one table that maps them to status codes is `retrieval_service.grpc.status` (AIP-193):
 
-    InvalidInputError (and its subclasses)  -> INVALID_ARGUMENT
+    InvalidInputError (and its subclasses)  -> INVALID_ARGUMENT (FieldError names the request field)
     DependencyUnavailableError              -> UNAVAILABLE
     NotFoundError                           -> NOT_FOUND
+    AbortedError                            -> ABORTED
     CollectionMismatchError                 -> FAILED_PRECONDITION (a deployment error, raised at startup)
 
 Every message names the problem so it can be returned to the client as is.
@@ -49,8 +50,25 @@ class InvalidFilterError(InvalidInputError):
     """
 
 
+class FieldError(InvalidInputError):
+    """An invalid request field: `field` is its proto path (e.g. 'top_k'), `reason` an UPPER_SNAKE reason.
+
+    Raised by the use cases when they validate a request; a transport reports `field` to the client
+    (gRPC: a `google.rpc.BadRequest` field violation).
+    """
+
+    def __init__(self, field: str, message: str, reason: str = "INVALID_FIELD") -> None:
+        super().__init__(message)
+        self.field = field
+        self.reason = reason
+
+
 class NotFoundError(LookupError):
     """The requested object (image id, stored blob) does not exist."""
+
+
+class AbortedError(RuntimeError):
+    """The work was cancelled before it finished (e.g. the ingest stream that owned an image went away)."""
 
 
 class DependencyUnavailableError(RuntimeError):

@@ -1,7 +1,7 @@
 """Structured logging of the retrieval service: JSON lines or text, every line tagged with the RPC's request id.
 
 Each RPC gets a request id: the caller's `x-request-id` metadata when it is a plausible id (1-128 characters of
-`[A-Za-z0-9._:-]`), else a new uuid4 hex. `retrieval_service.metrics.RpcObserver` puts it (and the RPC's full
+`[A-Za-z0-9._:-]`), else a new uuid4 hex. `retrieval_service.grpc.interceptors.RpcObserver` puts it (and the RPC's full
 method name) into context variables at the start of the call and sends it back as initial metadata
 `x-request-id`. Tasks created during the call copy the context (asyncio), so their lines carry the id too; work
 run in thread pools does not (those lines have `request_id: null`).

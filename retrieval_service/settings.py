@@ -1,4 +1,7 @@
-"""One typed settings object for the retrieval service, read once and passed down.
+"""One typed settings object for the retrieval service, read once (by the wiring, grpc/server.py, and the CLI) and
+passed down as sections and plain limits. Sections live with the layer that uses them (IndexSettings in
+adapters/milvus, RerankSettings in usecases/rerank, TLS in tls.py); the transport's AuthSettings and the generation
+section are here, so that nothing below the transport imports it.
 
 Sources, highest priority first: explicit keyword arguments (CLI flags), environment variables
 `VITRINE_<FIELD>` (nested: `VITRINE_INDEX__INDEX_TYPE=HNSW`), a YAML file (`--config vitrine.yaml` or
@@ -19,23 +22,57 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from retrieval_service.grpc.auth import AuthSettings
-from retrieval_service.usecases.rerank import RerankSettings
+from retrieval_service.adapters.gemini import DEFAULT_MODEL
+from retrieval_service.adapters.milvus import IndexSettings, is_lite_uri
 from retrieval_service.tls import ClientTlsSettings, ServerTlsSettings
-from retrieval_service.adapters.milvus.store import IndexSettings
+from retrieval_service.usecases.rerank import RerankSettings
 
 MiB = 1024 * 1024
+#: Shortest token accepted in settings, characters (~128 bits as hex / ~190 as base64).
+MIN_TOKEN_CHARS = 32
+
+
+class AuthSettings(BaseModel):
+    """Bearer tokens accepted by the server. None configured = no authentication."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: list[SecretStr] = Field(default_factory=list, description="accepted bearer tokens (secrets)")
+    tokens_file: Path | None = Field(None, description="file of accepted tokens, one per line, '#' comments")
+
+    def load_tokens(self) -> list[str]:
+        """All configured tokens: `tokens` then the lines of `tokens_file`.
+
+        Raises:
+            ValueError: the file cannot be read, or a token is shorter than MIN_TOKEN_CHARS or contains
+                whitespace (the message gives the file and line, never the token).
+        """
+        found: list[tuple[str, str]] = [(t.get_secret_value(), f"auth.tokens[{i}]") for i, t in enumerate(self.tokens)]
+        if self.tokens_file is not None:
+            try:
+                lines = self.tokens_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ValueError(f"auth.tokens_file: cannot read {self.tokens_file}: {exc.strerror or exc}") from None
+            found += [(line.strip(), f"{self.tokens_file}:{n}") for n, line in enumerate(lines, start=1)
+                      if line.strip() and not line.lstrip().startswith("#")]
+        for token, where in found:
+            if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+                raise ValueError(f"{where}: a token must be at least {MIN_TOKEN_CHARS} characters without "
+                                 "whitespace (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+        return [t for t, _ in found]
+
 
 
 class GenerationSettings(BaseModel):
-    """Gemini image generation (GenerateImages). The API key is a secret: never logged or echoed."""
+    """Gemini image generation (GenerateImages): the client's options (adapters/gemini) and the use case's
+    reference limit (usecases/generate). The API key is a secret: never logged or echoed."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     api_key: SecretStr = Field(SecretStr(""), description="Gemini API key; empty = GenerateImages answers "
                                                           "FAILED_PRECONDITION (env VITRINE_GENERATION__API_KEY)")
     base_url: str = Field("", description="Gemini API base URL; empty = Google's endpoint")
-    model: str = Field("gemini-2.5-flash-image", description="default Gemini model")
+    model: str = Field(DEFAULT_MODEL, description="default Gemini model")
     max_reference_images: int = Field(4, ge=1, le=16, description="most reference images per generation")
     max_retries: int = Field(2, ge=0, le=10, description="retries on 5xx / connection errors before any output")
     timeout_s: float = Field(120.0, gt=0, description="deadline of one Gemini call, seconds")
@@ -157,5 +194,5 @@ class Settings(BaseSettings):
 
     @property
     def milvus_is_lite(self) -> bool:
-        """True when `milvus_uri` names an embedded Milvus Lite file rather than a server."""
-        return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix:", "grpc://"))
+        """True when `milvus_uri` names an embedded Milvus Lite file (a '.db' path, `is_lite_uri`), not a server."""
+        return is_lite_uri(self.milvus_uri)

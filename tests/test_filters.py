@@ -1,5 +1,6 @@
-"""Filter expression validation (retrieval_service/usecases/filters.py): what is accepted, how it is re-rendered, what is
-refused and how the refusal names the token; and that the renderings run on real Milvus Lite and a Milvus server."""
+"""Filter expression validation (retrieval_service/adapters/milvus/filters.py): what is accepted, how it is
+re-rendered, what is refused and how the refusal names the token; and that the renderings run on real Milvus Lite
+and a Milvus server."""
 
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from retrieval_service.errors import InvalidFilterError, InvalidInputError
-from retrieval_service.usecases.filters import MAX_DEPTH, MAX_FILTER_CHARS, MAX_IN_VALUES, FilterSyntaxError, validate_filter
-from retrieval_service.adapters.milvus.store import Row, VectorStore
+from retrieval_service.adapters.milvus import (
+    MAX_DEPTH,
+    MAX_FILTER_CHARS,
+    MAX_IN_VALUES,
+    FilterSyntaxError,
+    Row,
+    VectorStore,
+    validate_filter,
+)
 
 ACCEPTED = [
     ("", ""),

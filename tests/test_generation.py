@@ -22,7 +22,7 @@ from google.genai import types
 from PIL import Image
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
-from retrieval_service.adapters.gemini.client import (
+from retrieval_service.adapters.gemini import (
     DEFAULT_MODEL,
     Finished,
     GeminiGenerator,

@@ -23,20 +23,25 @@ from onnx import TensorProto, helper, numpy_helper
 from pymilvus import MilvusClient
 
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
-from retrieval_service.usecases.rerank import (
+from retrieval_service.adapters.triton.reranker import (
     CANDIDATE_INPUT,
     QUERY_INPUT,
     SCORE_OUTPUT,
     ModelReranker,
     RerankerError,
+)
+from retrieval_service.usecases.rerank import (
+    Reranker,
     RerankMethod,
+    RerankRequest,
     RerankSettings,
+    build_rerankers,
     exact_rerank,
     mmr_rerank,
-    rerank,
+    rerank_page,
     validate_request,
 )
-from retrieval_service.adapters.milvus.store import Hit, IndexSettings, Row, VectorStore
+from retrieval_service.adapters.milvus import Hit, IndexSettings, Row, VectorStore
 
 pytest_plugins = ["milvus_server"]
 
@@ -56,6 +61,17 @@ def _rows(ids: list[str], vectors: np.ndarray) -> list[Row]:
 
 def _recall(found: list[list[str]], truth: list[list[str]]) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+WITHOUT_MODEL = build_rerankers(None)
+
+
+async def _rerank(method: str | RerankMethod, query: np.ndarray, hits: list[Hit], top_k: int, *,
+                  lambda_: float = 0.5, offset: int = 0,
+                  rerankers: dict[RerankMethod, Reranker] = WITHOUT_MODEL) -> list[Hit]:
+    """`rerank_page` for an already valid request (method, mmr lambda) over these candidates."""
+    plan = RerankRequest(RerankMethod(method), len(hits), lambda_)
+    return await rerank_page(rerankers, plan, query, hits, top_k=top_k, offset=offset)
 
 
 # ------------------------------------------------------------------------------ Milvus Lite (small data)
@@ -122,7 +138,7 @@ async def test_mmr_with_lambda_one_equals_no_rerank(lite_store: VectorStore) -> 
     for query in queries:
         candidates = lite_store.search(query[None], 100, with_vectors=True)[0]
         plain = lite_store.search(query[None], 10)[0]
-        ranked = await rerank(RerankMethod.MMR, query, candidates, 10, lambda_=1.0)
+        ranked = await _rerank(RerankMethod.MMR, query, candidates, 10, lambda_=1.0)
         assert [h.id for h in ranked] == [h.id for h in plain]
         np.testing.assert_allclose([h.score for h in ranked], [h.score for h in plain], atol=1e-6)
 
@@ -137,8 +153,8 @@ def _near_duplicate_pairs(hits: list[Hit]) -> int:
 async def test_mmr_with_lower_lambda_returns_fewer_near_duplicates(lite_store: VectorStore) -> None:
     candidates = lite_store.search(DUP_QUERY[None], 100, with_vectors=True)[0]
     top_k = 10
-    relevance = await rerank("mmr", DUP_QUERY, candidates, top_k, lambda_=1.0)
-    diverse = await rerank("mmr", DUP_QUERY, candidates, top_k, lambda_=0.3)
+    relevance = await _rerank("mmr", DUP_QUERY, candidates, top_k, lambda_=1.0)
+    diverse = await _rerank("mmr", DUP_QUERY, candidates, top_k, lambda_=0.3)
     pairs_relevance, pairs_diverse = _near_duplicate_pairs(relevance), _near_duplicate_pairs(diverse)
     groups_relevance = {DUP_GROUP[h.id] for h in relevance if h.id in DUP_GROUP}
     groups_diverse = {DUP_GROUP[h.id] for h in diverse if h.id in DUP_GROUP}
@@ -176,19 +192,19 @@ async def test_rerank_pages_partition_the_reranked_window(lite_store: VectorStor
     query = DUP_QUERY
     candidates = lite_store.search(query[None], 60, with_vectors=True)[0]
     for method in ("exact", "mmr", "none"):
-        whole = await rerank(method, query, candidates, 30, lambda_=0.3)
-        pages = [await rerank(method, query, candidates, 10, lambda_=0.3, offset=o) for o in (0, 10, 20)]
+        whole = await _rerank(method, query, candidates, 30, lambda_=0.3)
+        pages = [await _rerank(method, query, candidates, 10, lambda_=0.3, offset=o) for o in (0, 10, 20)]
         assert [h.id for page in pages for h in page] == [h.id for h in whole]
-    assert [h.id for h in await rerank("none", query, candidates, 5)] == [h.id for h in candidates[:5]]
+    assert [h.id for h in await _rerank("none", query, candidates, 5)] == [h.id for h in candidates[:5]]
 
 
 async def test_rerank_refuses_candidates_without_embeddings(lite_store: VectorStore) -> None:
     hits = lite_store.search(DUP_QUERY[None], 5)[0]
     for method in ("exact", "mmr"):
         with pytest.raises(ValueError, match="with_vectors=True"):
-            await rerank(method, DUP_QUERY, hits, 3)
+            await _rerank(method, DUP_QUERY, hits, 3)
     with pytest.raises(ValueError, match="ModelReranker"):
-        await rerank("model", DUP_QUERY, hits, 3)
+        await _rerank("model", DUP_QUERY, hits, 3)
     with pytest.raises(InvalidInputError, match="query"):
         exact_rerank(np.zeros(DIM, dtype=np.float32), hits, 3)
 
@@ -431,7 +447,7 @@ async def test_model_reranker_orders_candidates_by_the_served_score(tmp_path: Pa
 
     async with ModelReranker(scorer_server.grpc_url, "scorer", timeout_s=10) as reranker:
         assert await reranker.ready()
-        ranked = await rerank("model", query, candidates, 10, model_reranker=reranker)
+        ranked = await _rerank("model", query, candidates, 10, rerankers=build_rerankers(reranker))
         scores = await reranker.score(query, np.stack([h.embedding for h in candidates]))
 
     cand_vectors = np.stack([h.embedding for h in candidates])

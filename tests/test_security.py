@@ -26,7 +26,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from retrieval_service.grpc.auth import AuthSettings, TokenAuthInterceptor
+from retrieval_service.grpc.auth import TokenAuthInterceptor
+from retrieval_service.settings import AuthSettings
 from retrieval_service.errors import ImageRejectedError
 from retrieval_service.usecases.preprocess import ImageLimits, decode_image
 from retrieval_service.grpc.server import create_server

@@ -28,7 +28,15 @@ from retrieval_service.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from retrieval_service.adapters.milvus.store import MILVUS_MAX_WINDOW, IndexSettings, Row, VectorStore
+from retrieval_service.adapters.milvus import (
+    MILVUS_MAX_WINDOW,
+    IndexSettings,
+    Row,
+    VectorStore,
+    is_lite_uri,
+    validate_filter,
+)
+from retrieval_service.adapters.milvus import store as store_module
 # Provides the session fixture `milvus_server_uri` (a real Milvus standalone server); registering the
 # plugin again from tests/conftest.py is harmless (plugins register once per module name).
 pytest_plugins = ["milvus_server"]
@@ -259,6 +267,34 @@ def test_malformed_filter_raises_invalid_filter_error(shared):
     assert shared.count() == N
 
 
+def test_validated_filter_is_not_parsed_again(shared, monkeypatch):
+    expr = validate_filter("metadata['label'] == 3")
+    parsed: list[str] = []
+
+    def counting(text: str):
+        parsed.append(text)
+        return validate_filter(text)
+
+    monkeypatch.setattr(store_module, "validate_filter", counting)
+    label3 = len([i for i in range(N) if i % LABELS == 3])
+    assert shared.count(expr) == label3
+    assert all(h.metadata["label"] == 3 for h in shared.search(QUERIES[:1], 5, filter=expr)[0])
+    assert parsed == []
+    assert shared.count("metadata['label'] == 3") == label3  # a plain str is validated
+    assert parsed == ["metadata['label'] == 3"]
+
+
+def test_one_definition_of_a_lite_uri():
+    from retrieval_service.settings import Settings
+
+    for uri, lite in [("var/milvus.db", True), ("/abs/x.db", True), ("http://milvus:19530", False),
+                      ("https://h:443", False), ("unix:/tmp/m.sock", False), ("vectors.sqlite", False)]:
+        assert is_lite_uri(uri) is lite
+        assert Settings(milvus_uri=uri).milvus_is_lite is lite
+        if uri.startswith(("http", "unix")) or lite:
+            assert VectorStore(uri, "c", DIM).is_lite is lite
+
+
 def test_bad_search_arguments_raise_invalid_input(shared):
     with pytest.raises(InvalidInputError, match="vectors must be"):
         shared.search(np.zeros((1, DIM + 1), np.float32), 5)
@@ -342,7 +378,7 @@ def test_lite_data_persists_across_processes(tmp_path):
     script = textwrap.dedent(
         f"""
         import json, numpy as np
-        from retrieval_service.adapters.milvus.store import VectorStore, IndexSettings
+        from retrieval_service.adapters.milvus import VectorStore, IndexSettings
         s = VectorStore({uri!r}, "persisted", {DIM}, IndexSettings(index_type="HNSW"), model_id="m")
         q = np.array({VECTORS[7].tolist()!r}, dtype=np.float32)[None]
         print(json.dumps({{"count": s.count(), "top": s.search(q, 1)[0][0].id}}))
@@ -360,7 +396,7 @@ def test_lite_file_held_by_another_process_is_unavailable(tmp_path):
     script = textwrap.dedent(
         f"""
         from retrieval_service.errors import DependencyUnavailableError
-        from retrieval_service.adapters.milvus.store import VectorStore
+        from retrieval_service.adapters.milvus import VectorStore
         try:
             VectorStore({uri!r}, "held", {DIM}).open()
         except DependencyUnavailableError as exc:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from retrieval_service.settings import AuthSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,40 +30,6 @@ OPEN_PREFIXES: tuple[str, ...] = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-#: Shortest token accepted in settings, characters (~128 bits as hex / ~190 as base64).
-MIN_TOKEN_CHARS = 32
-
-
-class AuthSettings(BaseModel):
-    """Bearer tokens accepted by the server. None configured = no authentication."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tokens: list[SecretStr] = Field(default_factory=list, description="accepted bearer tokens (secrets)")
-    tokens_file: Path | None = Field(None, description="file of accepted tokens, one per line, '#' comments")
-
-    def load_tokens(self) -> list[str]:
-        """All configured tokens: `tokens` then the lines of `tokens_file`.
-
-        Raises:
-            ValueError: the file cannot be read, or a token is shorter than MIN_TOKEN_CHARS or contains
-                whitespace (the message gives the file and line, never the token).
-        """
-        found: list[tuple[str, str]] = [(t.get_secret_value(), f"auth.tokens[{i}]") for i, t in enumerate(self.tokens)]
-        if self.tokens_file is not None:
-            try:
-                lines = self.tokens_file.read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise ValueError(f"auth.tokens_file: cannot read {self.tokens_file}: {exc.strerror or exc}") from None
-            found += [(line.strip(), f"{self.tokens_file}:{n}") for n, line in enumerate(lines, start=1)
-                      if line.strip() and not line.lstrip().startswith("#")]
-        for token, where in found:
-            if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
-                raise ValueError(f"{where}: a token must be at least {MIN_TOKEN_CHARS} characters without "
-                                 "whitespace (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
-        return [t for t, _ in found]
-
-
 def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as `handler` that ends the call with UNAUTHENTICATED."""
 

@@ -15,31 +15,35 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from retrieval_service.grpc.auth import TokenAuthInterceptor
-from retrieval_service.adapters.blob_store import BlobStore
+from retrieval_service.adapters.blob_store import AsyncBlobStore, BlobStore
+from retrieval_service.adapters.gemini import GeminiGenerator
+from retrieval_service.adapters.milvus import AsyncVectorStore, VectorStore, redact_uri
 from retrieval_service.adapters.triton.encoder import EncoderClient
+from retrieval_service.adapters.triton.reranker import ModelReranker
 from retrieval_service.errors import DependencyUnavailableError
-from retrieval_service.adapters.gemini.client import GeminiGenerator
-from retrieval_service.grpc.health import HealthMonitor
-from retrieval_service.usecases.ingest import IngestPipeline, InflightIds
-from retrieval_service.metrics import MetricsHttpServer, ServiceMetrics
-from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch
-from retrieval_service.usecases.rerank import ModelReranker
+from retrieval_service.grpc.auth import TokenAuthInterceptor
 from retrieval_service.grpc.handlers import RetrievalService
+from retrieval_service.grpc.health import HealthMonitor
+from retrieval_service.grpc.interceptors import RpcObserver
+from retrieval_service.grpc.status import ErrorMapper
+from retrieval_service.metrics import MetricsHttpServer, ServiceMetrics
 from retrieval_service.settings import Settings
 from retrieval_service.tls import server_credentials
-from vitrine.tokenizer import TextTokenizer
-from retrieval_service.adapters.milvus.store import VectorStore, redact_uri
+from retrieval_service.usecases.catalog import Catalog
+from retrieval_service.usecases.generate import GenerateImages
+from retrieval_service.usecases.ingest import IngestImages, IngestLimits
+from retrieval_service.usecases.preprocess import ImageDecoder, ImageLimits
+from retrieval_service.usecases.rerank import build_rerankers
+from retrieval_service.usecases.search import SearchImages, SearchLimits
 from vitrine.manifest import Manifest
-from vitrine.v1 import retrieval_service_pb2 as pb
-from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
+from vitrine.tokenizer import TextTokenizer
+from vitrine.v1 import retrieval_service_pb2 as pb, retrieval_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ class RetrievalServer:
         self.manifest = Manifest.read(settings.model_repository)
         self.tokenizer = TextTokenizer.from_repository(settings.model_repository, self.manifest)
         self.decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vitrine-decode")
-        self.store_executor = ThreadPoolExecutor(4, thread_name_prefix="vitrine-milvus")
+        # --- adapters ---
         self.encoder = EncoderClient(settings.encoder_url, self.manifest, timeout_s=settings.encoder_timeout_s)
         self.encoder.use_tls(settings.encoder_tls)
         self.store = VectorStore(
@@ -70,26 +74,8 @@ class RetrievalServer:
             model_id=self.manifest.model_id,
             tls=settings.milvus_tls,
         )
-        self.blobs = BlobStore(settings.blob_dir)
-        limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                             min_side=settings.min_image_side)
-        self.preprocess = partial(preprocess_batch, spec=self.manifest.image, limits=limits)
-        self.health_servicer = health_aio.HealthServicer()
-        self.health = HealthMonitor(
-            self.health_servicer,
-            ["", SERVICE_NAME],
-            {"encoder": self.encoder.ready, "milvus": self._milvus_ready},
-            interval_s=settings.health_interval_s,
-        )
-        self._store_open = False
-        self.ingest = IngestPipeline(
-            encoder=self.encoder, store=self.store, blobs=self.blobs, preprocess=self.preprocess,
-            decode_executor=self.decode_executor, store_executor=self.store_executor, inflight=InflightIds(),
-            on_unavailable=lambda exc: self.health.mark_down(exc.dependency),
-            batch_size=settings.ingest_batch_size, batch_wait_ms=settings.ingest_batch_wait_ms,
-            max_inflight_batches=settings.ingest_max_inflight_batches, max_image_bytes=settings.max_image_bytes,
-            max_filename_chars=settings.max_filename_chars,
-        )
+        self.async_store = AsyncVectorStore(self.store)
+        self.blobs = AsyncBlobStore(BlobStore(settings.blob_dir))
         rr = settings.rerank
         self.model_reranker = (
             ModelReranker(rr.model_url or settings.encoder_url, rr.model, timeout_s=rr.model_timeout_s)
@@ -100,25 +86,51 @@ class RetrievalServer:
         gen = settings.generation
         self.generator = GeminiGenerator(gen.api_key, base_url=gen.base_url or None, default_model=gen.model,
                                          max_retries=gen.max_retries, timeout_s=gen.timeout_s)
-        self.service = RetrievalService(
-            settings=settings, manifest=self.manifest, tokenizer=self.tokenizer, encoder=self.encoder,
-            store=self.store, blobs=self.blobs, preprocess=self.preprocess, ingest=self.ingest,
-            health=self.health, decode_executor=self.decode_executor, store_executor=self.store_executor,
-            model_reranker=self.model_reranker, generator=self.generator,
+        # --- health (the one place a dependency is marked down is `self.errors`) ---
+        self.health_servicer = health_aio.HealthServicer()
+        self.health = HealthMonitor(
+            self.health_servicer,
+            ["", SERVICE_NAME],
+            {"encoder": self.encoder.ready, "milvus": self._milvus_ready},
+            interval_s=settings.health_interval_s,
         )
-        options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-        ]
+        self._store_open = False
+        self.errors = ErrorMapper(self.health.mark_down)
+        # --- use cases ---
+        limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                             min_side=settings.min_image_side)
+        decoder = ImageDecoder(self.manifest.image, limits, self.decode_executor)
+        self.search = SearchImages(
+            model_id=self.manifest.model_id, tokenizer=self.tokenizer, encoder=self.encoder, decoder=decoder,
+            store=self.async_store, rerankers=build_rerankers(self.model_reranker), rerank_settings=rr,
+            limits=SearchLimits(max_top_k=settings.max_top_k, max_text_chars=settings.max_text_chars),
+        )
+        self.ingest = IngestImages(
+            encoder=self.encoder, store=self.async_store, blobs=self.blobs, decoder=decoder,
+            limits=IngestLimits(batch_size=settings.ingest_batch_size, batch_wait_ms=settings.ingest_batch_wait_ms,
+                                max_inflight_batches=settings.ingest_max_inflight_batches,
+                                max_image_bytes=settings.max_image_bytes,
+                                max_filename_chars=settings.max_filename_chars),
+        )
+        catalog = Catalog(model_id=self.manifest.model_id, store=self.async_store, blobs=self.blobs)
+        generate = GenerateImages(search=self.search, store=self.async_store, blobs=self.blobs,
+                                  generator=self.generator, max_text_chars=settings.max_text_chars,
+                                  max_reference_images=gen.max_reference_images)
         # Prometheus metrics (retrieval_service/metrics.py), one registry per server; served in start().
         self.metrics = ServiceMetrics()
         self.encoder.call_observer = self.metrics.observe_encoder
         self.store.call_observer = self.metrics.observe_milvus
-        self.ingest.metrics = self.metrics
         self.metrics.track_dependencies(["encoder", "milvus"], lambda: self.health.down)
         self.metrics_http = MetricsHttpServer(self.metrics.registry)
+        # --- transport ---
+        self.service = RetrievalService(search=self.search, ingest=self.ingest, catalog=catalog, generate=generate,
+                                        errors=self.errors, metrics=self.metrics)
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ]
         # Server interceptors, outermost first (e.g. metrics, then auth).
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.metrics.interceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [RpcObserver(self.metrics)]
         # Bearer-token auth (retrieval_service/grpc/auth.py) runs inside any metrics interceptor, so rejected calls count.
         self.auth = TokenAuthInterceptor.from_settings(settings.auth)
         if self.auth is not None:
@@ -136,12 +148,11 @@ class RetrievalServer:
 
     async def _milvus_ready(self) -> bool:
         """Open the collection if needed (Milvus may have been down at start), then ping it."""
-        loop = asyncio.get_running_loop()
         try:
             if not self._store_open:
-                await loop.run_in_executor(self.store_executor, self.store.open)
+                await self.async_store.open()
                 self._store_open = True
-            await loop.run_in_executor(self.store_executor, self.store.count)
+            await self.async_store.count()
             return True
         except DependencyUnavailableError:
             return False
@@ -199,11 +210,8 @@ class RetrievalServer:
             await self.model_reranker.close()
         await self.generator.close()
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
-        self.ingest.blob_executor.shutdown(wait=True)  # bytes of rows being inserted land before exit
-        self.store_executor.shutdown(wait=True, cancel_futures=True)
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        self.blobs.shutdown()  # bytes of rows being inserted land before exit
+        self.async_store.shutdown()
 
     async def wait_for_termination(self) -> None:
         """Block until the gRPC server terminates."""

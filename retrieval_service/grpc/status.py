@@ -1,27 +1,33 @@
-"""Service exceptions -> gRPC status (AIP-193), in one place.
+"""Service exceptions -> gRPC status (AIP-193), in one table, and the decorators every handler uses.
 
 Every error carries a human message; INVALID_ARGUMENT errors also carry a `google.rpc.BadRequest` naming the field
 and a `google.rpc.ErrorInfo` with a machine reason, so a client can branch without parsing text.
+
+`ErrorMapper.status(exc)` is the one place where an error becomes a status and the one place where a dependency
+is reported down (health NOT_SERVING until the next successful probe); unary handlers (`unary_errors`),
+streaming handlers (`stream_errors`) and per-item ingest outcomes all go through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from retrieval_service.adapters.gemini.client import (
+from retrieval_service.adapters.gemini import (
     GenerationNotConfiguredError,
     GenerationPermissionError,
     GenerationQuotaError,
 )
 from retrieval_service.errors import (
+    AbortedError,
     DependencyUnavailableError,
     ImageRejectedError,
     InvalidFilterError,
@@ -32,21 +38,19 @@ from retrieval_service.errors import (
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "vitrine.v1"
-_GENERATION_CODES = (
+#: THE table: exception class -> google.rpc code, first match wins (subclasses before their bases).
+STATUS_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (InvalidInputError, code_pb2.INVALID_ARGUMENT),
+    (NotFoundError, code_pb2.NOT_FOUND),
     (GenerationNotConfiguredError, code_pb2.FAILED_PRECONDITION),
     (GenerationPermissionError, code_pb2.PERMISSION_DENIED),
     (GenerationQuotaError, code_pb2.RESOURCE_EXHAUSTED),
+    (DependencyUnavailableError, code_pb2.UNAVAILABLE),
+    (AbortedError, code_pb2.ABORTED),
 )
+#: Dependencies whose outage does not make the service NOT_SERVING (search and ingest work without Gemini).
+NOT_HEALTH_DEPENDENCIES = frozenset({"gemini"})
 T = TypeVar("T")
-
-
-class FieldError(InvalidInputError):
-    """An invalid request field: `field` is its proto path (e.g. 'top_k'), `reason` an UPPER_SNAKE reason."""
-
-    def __init__(self, field: str, message: str, reason: str = "INVALID_FIELD") -> None:
-        super().__init__(message)
-        self.field = field
-        self.reason = reason
 
 
 def _pack(message) -> any_pb2.Any:  # noqa: ANN001 - any protobuf message
@@ -55,15 +59,10 @@ def _pack(message) -> any_pb2.Any:  # noqa: ANN001 - any protobuf message
     return detail
 
 
-def to_status(exc: BaseException, field: str = "") -> status_pb2.Status:
-    """Map a service exception to a `google.rpc.Status`.
-
-    InvalidInputError (and subclasses) -> INVALID_ARGUMENT; NotFoundError -> NOT_FOUND;
-    DependencyUnavailableError -> UNAVAILABLE; Gemini errors: not configured -> FAILED_PRECONDITION,
-    401/403 -> PERMISSION_DENIED, 429 -> RESOURCE_EXHAUSTED; anything else -> INTERNAL (message hidden, logged).
-    """
-    if isinstance(exc, InvalidInputError):
-        field = getattr(exc, "field", "") or field
+def _details(exc: BaseException, code: int) -> list[any_pb2.Any]:
+    """ErrorInfo (and BadRequest for INVALID_ARGUMENT) of `exc`."""
+    if code == code_pb2.INVALID_ARGUMENT:
+        field = getattr(exc, "field", "")
         if isinstance(exc, ImageRejectedError):
             reason = f"IMAGE_{str(getattr(exc, 'reason', 'rejected')).upper()}"
         elif isinstance(exc, InvalidFilterError):
@@ -74,39 +73,71 @@ def to_status(exc: BaseException, field: str = "") -> status_pb2.Status:
         if field:
             violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=str(exc))
             details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
-        return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=details)
-    if isinstance(exc, NotFoundError):
-        return status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(exc))
-    for kind, code in _GENERATION_CODES:
-        if isinstance(exc, kind):
-            return status_pb2.Status(code=code, message=str(exc))
-    if isinstance(exc, DependencyUnavailableError):
+        return details
+    if code == code_pb2.UNAVAILABLE:
         dep = getattr(exc, "dependency", "dependency")
-        info = error_details_pb2.ErrorInfo(reason=f"{str(dep).upper()}_UNAVAILABLE", domain=ERROR_DOMAIN)
-        return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(exc), details=[_pack(info)])
+        return [_pack(error_details_pb2.ErrorInfo(reason=f"{str(dep).upper()}_UNAVAILABLE", domain=ERROR_DOMAIN))]
+    return []
+
+
+def to_status(exc: BaseException) -> status_pb2.Status:
+    """Map a service exception to a `google.rpc.Status` by `STATUS_CODES`; anything else -> INTERNAL
+    (the message hidden from the client, the exception logged with its traceback)."""
+    for kind, code in STATUS_CODES:
+        if isinstance(exc, kind):
+            return status_pb2.Status(code=code, message=str(exc), details=_details(exc, code))
     log.exception("internal error", exc_info=exc)
     return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error ({type(exc).__name__})")
 
 
-def rpc_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Decorate a unary grpc.aio handler `(self, request, context)` so service exceptions become statuses.
+class ErrorMapper:
+    """Turns exceptions into statuses and reports dependency outages to `mark_down(dependency)` on the way."""
 
-    Before answering UNAVAILABLE it calls `self.dependency_failed(exc)` (health goes NOT_SERVING at once).
-    Unexpected exceptions become INTERNAL; the server keeps serving.
-    """
+    def __init__(self, mark_down: Callable[[str], None]) -> None:
+        self._mark_down = mark_down
+
+    def status(self, exc: BaseException) -> status_pb2.Status:
+        """`to_status(exc)`; for DependencyUnavailableError (not Gemini's) also `mark_down(exc.dependency)`."""
+        if isinstance(exc, DependencyUnavailableError) and exc.dependency not in NOT_HEALTH_DEPENDENCIES:
+            self._mark_down(exc.dependency)
+        return to_status(exc)
+
+
+class _HasErrors(Protocol):
+    errors: ErrorMapper
+
+
+def unary_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Decorate a unary grpc.aio handler `(self, request, context)`: exceptions become statuses via
+    `self.errors` (an ErrorMapper); unexpected ones INTERNAL. The server keeps serving."""
 
     @functools.wraps(handler)
-    async def wrapper(self, request, context: grpc.aio.ServicerContext) -> T:  # noqa: ANN001
+    async def wrapper(self: _HasErrors, request, context: grpc.aio.ServicerContext) -> T:  # noqa: ANN001
         try:
             return await handler(self, request, context)
-        except (InvalidInputError, NotFoundError, DependencyUnavailableError) as exc:
-            if isinstance(exc, DependencyUnavailableError):
-                self.dependency_failed(exc)
-            await context.abort_with_status(rpc_status.to_status(to_status(exc)))
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
-        except Exception as exc:  # noqa: BLE001 - last line of defence: the server keeps serving
-            await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status; the server keeps serving
+            await context.abort_with_status(rpc_status.to_status(self.errors.status(exc)))
         raise AssertionError("unreachable: abort_with_status raises")
+
+    return wrapper
+
+
+def stream_errors(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
+    """Decorate a server-streaming grpc.aio handler (an async generator `(self, request, context)`): an
+    exception raised while producing the stream ends it with its status (messages already sent stay sent).
+    Cancellation (client gone, deadline) is not an error and propagates."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: _HasErrors, request, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:  # noqa: ANN001
+        try:
+            async with contextlib.aclosing(handler(self, request, context)) as stream:
+                async for message in stream:
+                    yield message
+        except (grpc.aio.AbortError, grpc.aio.UsageError, GeneratorExit):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await context.abort_with_status(rpc_status.to_status(self.errors.status(exc)))
 
     return wrapper

@@ -10,10 +10,8 @@ import base64
 import hashlib
 import json
 
+from retrieval_service.adapters.milvus import MILVUS_MAX_WINDOW
 from retrieval_service.errors import InvalidInputError
-
-# Milvus rejects searches whose offset + limit exceeds 16384 (Milvus docs, "Search": `offset` + `limit` <= 16384).
-MILVUS_MAX_WINDOW = 16384
 
 
 def query_fingerprint(*parts: bytes | str | float | None) -> str:

@@ -23,14 +23,17 @@ Parity notes (open_clip 3.3.0, `open_clip/transform.py`; torchvision 0.29 `trans
 
 from __future__ import annotations
 
+import asyncio
 import io
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrieval_service.errors import ImageRejectedError
+from vitrine.image_ids import image_id_of
 from vitrine.manifest import ImageTower
 
 #: Formats Pillow may open (names of `PIL.Image.OPEN`). Excludes formats whose plugins shell out
@@ -291,3 +294,31 @@ def preprocess_batch(
         except ImageRejectedError as exc:
             out.append(exc)
     return out
+
+
+class ImageDecoder:
+    """Decode + preprocess for the use cases: `preprocess_batch` for one image tower and limits, in a thread pool.
+
+    Args:
+        spec: the manifest's image tower (size, resize mode, interpolation).
+        limits: byte / pixel / side limits applied before and during decoding.
+        executor: where decoding runs (CPU-bound; Pillow releases the GIL while decoding).
+    """
+
+    def __init__(self, spec: ImageTower, limits: ImageLimits, executor: Executor) -> None:
+        self.spec = spec
+        self.limits = limits
+        self.executor = executor
+
+    def decode_now(self, contents: Sequence[bytes]) -> list[np.ndarray | ImageRejectedError]:
+        """`preprocess_batch` in the calling thread: uint8 [H, W, 3] per image, or the error that refused it."""
+        return preprocess_batch(contents, self.spec, self.limits)
+
+    async def decode(self, contents: Sequence[bytes]) -> list[np.ndarray | ImageRejectedError]:
+        """`decode_now` in the executor."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.decode_now, list(contents))
+
+    async def sha256_all(self, contents: Sequence[bytes]) -> list[str]:
+        """The image id (sha256 hex, `vitrine.image_ids`) of each encoded image, computed in the executor."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: [image_id_of(c) for c in contents])

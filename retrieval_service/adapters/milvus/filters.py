@@ -1,10 +1,12 @@
-r"""Validation of client filter expressions before they reach Milvus.
+r"""Validation of client filter expressions before they reach Milvus: the one home of the filter grammar.
 
 A request's `filter` is a Milvus boolean expression. Sent as is, it could name any field of the collection
 (the `embedding` vector field included), call Milvus functions, or hit parser differences between Milvus Lite
 and a Milvus server. `validate_filter` parses it with the small grammar below, allows only the collection's
-scalar fields (see `retrieval_service.adapters.milvus.store`'s schema) and returns a canonical re-rendering of the parse
-tree: Milvus only ever sees text this module produced, never the client's text.
+scalar fields (`FIELDS`, read from the schema table in retrieval_service.adapters.milvus.schema) and returns a
+canonical re-rendering of the parse tree as a `FilterExpr`: Milvus only ever sees text this module produced,
+never the client's text. The store (retrieval_service.adapters.milvus.store) validates a plain `str` filter
+itself and passes a `FilterExpr` through, so a filter validated at the edge of a request is parsed once.
 
 Grammar (EBNF; keywords are case-insensitive, `&&` `||` `!` are synonyms of `and` `or` `not`):
 
@@ -48,13 +50,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from retrieval_service.adapters.milvus.schema import FIELDS as SCHEMA_FIELDS, FilterKind
 from retrieval_service.errors import InvalidFilterError
 
-FieldKind = Literal["id", "string", "int64", "json"]
-
-#: The filterable fields of a Vitrine collection (retrieval_service.adapters.milvus.store schema) and their kinds.
-#: `embedding` (FLOAT_VECTOR) is deliberately absent.
-FIELDS: Mapping[str, FieldKind] = {"id": "id", "filename": "string", "ingest_time": "int64", "metadata": "json"}
+#: The filterable fields of a Vitrine collection and their kinds, from the schema table
+#: (retrieval_service.adapters.milvus.schema.FIELDS). `embedding` (FLOAT_VECTOR) has no filter kind: absent.
+FIELDS: Mapping[str, FilterKind] = {f.name: f.filter_kind for f in SCHEMA_FIELDS if f.filter_kind is not None}
+#: Fields of the collection that no filter may name (the vector), refused with their own message.
+_UNFILTERABLE = frozenset(f.name for f in SCHEMA_FIELDS if f.filter_kind is None)
 #: Longest filter accepted, characters.
 MAX_FILTER_CHARS = 4096
 #: Deepest nesting of parentheses / not accepted.
@@ -78,6 +81,16 @@ _ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t", "r": "\r", "/"
 _ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
 _CMP = ("==", "!=", "<", "<=", ">", ">=")
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
+
+
+class FilterExpr(str):
+    """A filter expression already validated and rendered by `validate_filter` (the text Milvus will see).
+
+    Only `validate_filter` makes one; the store sends it to Milvus as is, without parsing it again. A plain
+    `str` is always validated first.
+    """
+
+    __slots__ = ()
 
 
 class FilterSyntaxError(InvalidFilterError):
@@ -131,7 +144,7 @@ def _tokenize(expr: str) -> Iterator[_Tok]:
 
 
 class _Parser:
-    def __init__(self, expr: str, fields: Mapping[str, FieldKind]) -> None:
+    def __init__(self, expr: str, fields: Mapping[str, FilterKind]) -> None:
         self.expr = expr
         self.fields = fields
         self._stream = _tokenize(expr)
@@ -247,7 +260,7 @@ class _Parser:
             return self._in(name, kind, negate)
         raise self._fail(f"expected a comparison ({', '.join(_CMP)}), 'like' or 'in' after {name}")
 
-    def _in(self, name: str, kind: FieldKind, negate: bool) -> tuple[str, bool]:
+    def _in(self, name: str, kind: FilterKind, negate: bool) -> tuple[str, bool]:
         self._next()
         self._expect_op("[", "'[' starting the list of 'in'")
         values: list[str] = []
@@ -293,14 +306,14 @@ class _Parser:
         self._check_cmp(name, kind, op2, hi, hi_tok)
         return f"({first} and {name} {op2.text} {hi.rendered})", True
 
-    def _field(self) -> tuple[str, FieldKind]:
+    def _field(self) -> tuple[str, FilterKind]:
         tok = self.tok
         if tok.kind != "name":
             raise self._fail("expected a field name")
         self._next()
         if self._is("op", "("):
             raise self._fail("function calls are not allowed", tok)
-        if tok.text == "embedding":
+        if tok.text in _UNFILTERABLE:
             raise self._fail("the vector field cannot be filtered", tok)
         kind = self.fields.get(tok.text)
         if kind is None:
@@ -369,7 +382,7 @@ class _Parser:
 
         return _ESCAPE.sub(replace, tok.raw[1:-1])
 
-    def _check_cmp(self, name: str, kind: FieldKind, op: _Tok, lit: _Lit, lit_tok: _Tok) -> None:
+    def _check_cmp(self, name: str, kind: FilterKind, op: _Tok, lit: _Lit, lit_tok: _Tok) -> None:
         if kind == "json":
             return
         if kind == "id" and op.text not in ("==", "!="):
@@ -381,8 +394,8 @@ class _Parser:
             raise self._fail(f"{name} is an integer (ms since the epoch); it needs an integer", lit_tok)
 
 
-def validate_filter(expr: str, *, fields: Mapping[str, FieldKind] = FIELDS,
-                    max_chars: int = MAX_FILTER_CHARS) -> str:
+def validate_filter(expr: str, *, fields: Mapping[str, FilterKind] = FIELDS,
+                    max_chars: int = MAX_FILTER_CHARS) -> FilterExpr:
     """Check a client filter expression and return the canonical expression to send to Milvus.
 
     Args:
@@ -391,8 +404,8 @@ def validate_filter(expr: str, *, fields: Mapping[str, FieldKind] = FIELDS,
         max_chars: longest accepted expression, characters.
 
     Returns:
-        The expression re-rendered from its parse tree ('' for no filter); `in` on metadata and ranges rewritten
-        as described in the module docstring.
+        The expression re-rendered from its parse tree, a `FilterExpr` (a str; '' for no filter); `in` on metadata
+        and ranges rewritten as described in the module docstring.
 
     Raises:
         FilterSyntaxError (an InvalidFilterError -> INVALID_ARGUMENT): not a string, too long, or not in the
@@ -403,4 +416,4 @@ def validate_filter(expr: str, *, fields: Mapping[str, FieldKind] = FIELDS,
     if len(expr) > max_chars:
         raise FilterSyntaxError(expr, f"filter has {len(expr)} characters; the limit is {max_chars}",
                                 expr[max_chars:max_chars + 1], max_chars)
-    return _Parser(expr, fields).parse()
+    return FilterExpr(_Parser(expr, fields).parse())

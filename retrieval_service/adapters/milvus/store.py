@@ -1,18 +1,10 @@
-"""Image embeddings in a Milvus collection, through pymilvus' `MilvusClient`.
+"""`VectorStore`: image embeddings in a Milvus collection, through pymilvus' `MilvusClient`.
 
 The same code serves Milvus Lite (`uri` is a local path ending in `.db`; milvus-lite runs an in-process
 gRPC server for it) and a Milvus server (`uri` like `http://127.0.0.1:19530`).
 
-Collection schema (explicit, no dynamic fields):
-
-    id           VARCHAR(64)   primary key: sha256 hex of the image bytes (auto_id off)
-    embedding    FLOAT_VECTOR  [dim], searched with metric COSINE
-    filename     VARCHAR(1024) as uploaded (at most 1024 UTF-8 bytes)
-    ingest_time  INT64         unix time, milliseconds
-    metadata     JSON          client-supplied object, filterable: metadata["label"] == 3
-
-The model id is recorded in the collection's properties (`vitrine.model_id`) and description; Milvus Lite
-keeps properties but drops descriptions, so properties are what `open()` checks.
+The collection's fields, limits and row conversions are the table in retrieval_service.adapters.milvus.schema;
+the vector index in .index; the translation of pymilvus errors in .errors; the filter grammar in .filters.
 
 Design decisions:
 * Writes are upserts: an id is the hash of the image bytes, so writing it again can only refresh its
@@ -46,146 +38,46 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import grpc
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import (
-    ConnectError,
-    ConnectionConfigException,
-    MilvusException,
-    MilvusUnavailableException,
-)
+from pymilvus import MilvusClient, MilvusException
 
 from retrieval_service.adapters.blob_store import check_content_id
-from retrieval_service.usecases.filters import validate_filter
-from retrieval_service.tls import ClientTlsSettings, milvus_tls_kwargs
-from retrieval_service.errors import (
-    CollectionMismatchError,
-    DependencyUnavailableError,
-    InvalidFilterError,
-    InvalidInputError,
+from retrieval_service.adapters.milvus.errors import MILVUS_EXCEPTIONS, map_error
+from retrieval_service.adapters.milvus.filters import FilterExpr, validate_filter
+from retrieval_service.adapters.milvus.index import IndexSettings, built_params
+from retrieval_service.adapters.milvus.schema import (
+    MAX_DIM,
+    PRIMARY,
+    SERVER_URI_PREFIXES,
+    VECTOR,
+    Hit,
+    Row,
+    check_fields,
+    check_queries,
+    check_row,
+    check_window,
+    collection_properties,
+    collection_schema,
+    hit_of,
+    is_lite_uri,
+    output_fields,
+    redact_uri,
+    row_of,
+    stored_model_id,
+    to_entity,
 )
+from retrieval_service.errors import CollectionMismatchError, DependencyUnavailableError, InvalidInputError
+from retrieval_service.tls import ClientTlsSettings, milvus_tls_kwargs
 
 log = logging.getLogger(__name__)
 
-#: Milvus' limit on offset + top_k of one search (server error "top k should be in range [1, 16384]").
-MILVUS_MAX_WINDOW = 16384
-#: Milvus' limit on query vectors per search (proxy `maxNq`).
-MILVUS_MAX_NQ = 16384
-#: Milvus' default maximum size of one JSON field value, bytes.
-MILVUS_MAX_JSON_BYTES = 65536
-MAX_FILENAME_BYTES = 1024
-MODEL_ID_PROPERTY = "vitrine.model_id"
-SCHEMA_VERSION_PROPERTY = "vitrine.schema_version"
-SCHEMA_VERSION = "1"
-
-_OUTPUT_FIELDS = ["id", "filename", "ingest_time", "metadata"]
 _READ_CONSISTENCY: Literal["Session"] = "Session"
 _IDS_PER_EXPR = 1000  # ids per `id in [...]` expression
 _ROWS_PER_UPSERT = 1000
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
-# pymilvus.client.types.Status.CONNECT_FAILED: raised when the channel to the server cannot be (re)made.
-_CONNECT_FAILED = 2
-# Milvus Lite's status code for a bad filter (legacy ErrorCode ILLEGAL_ARGUMENT,
-# milvus_lite.adapter.grpc.errors).
-_LITE_ILLEGAL_ARGUMENT = 6
-_COLLECTION_NOT_FOUND = (4, 100)
-# How Milvus server 2.3 words expression errors (proxy: "failed to create query plan: cannot parse
-# expression: ...", delete: "failed to create expr plan, expr = ...").
-_SERVER_FILTER_MARKERS = (
-    "cannot parse expression",
-    "failed to create query plan",
-    "failed to create expr plan",
-)
-_UNAVAILABLE_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# A transport failure mid-call (server killed or restarting: "Stream removed", RST_STREAM, "Socket closed"),
-# which pymilvus' retry wrapper re-raises as MilvusException(code=<grpc.StatusCode>) once its retries are over.
-_TRANSPORT_GRPC = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
-                   grpc.StatusCode.ABORTED)
-# Milvus server states that pass while it starts or recovers (milvus 2.3 pkg/util/merr): service not ready (1,
-# only with that message: pymilvus uses 1 for its own "Unexpected error"), service unavailable (2), collection /
-# partition not (fully) loaded (101, 103, 201, 202), replica not available (401), channel not found / lacking /
-# not available (500, 501, 503), segment not loaded / lacking (601, 602), node not found / offline / lacking /
-# not available (901, 902, 903, 905).
-_SERVER_RECOVERING = frozenset({2, 101, 103, 201, 202, 401, 500, 501, 503, 601, 602, 901, 902, 903, 905})
-
-
-class IndexSettings(BaseModel):
-    """Vector index of the `embedding` field and its search parameters (Milvus names and ranges).
-
-    Build parameters are used when the collection is created; search parameters on every search.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    index_type: Literal["FLAT", "IVF_FLAT", "HNSW"] = "HNSW"
-    metric_type: Literal["COSINE"] = Field("COSINE", description="fixed: scores are cosine similarities")
-    nlist: int = Field(128, ge=1, le=65536, description="IVF_FLAT: number of clusters")
-    nprobe: int = Field(16, ge=1, le=65536, description="IVF_FLAT search: clusters visited (<= nlist)")
-    M: int = Field(16, ge=2, le=2048, description="HNSW: graph degree")
-    efConstruction: int = Field(200, ge=8, le=512, description="HNSW: build-time candidate list size")
-    ef: int = Field(
-        64, ge=1, le=32768, description="HNSW search: candidate list size (raised to offset + top_k)"
-    )
-
-    @model_validator(mode="after")
-    def _nprobe_within_nlist(self) -> "IndexSettings":
-        if self.index_type == "IVF_FLAT" and self.nprobe > self.nlist:
-            raise ValueError(f"nprobe ({self.nprobe}) must be <= nlist ({self.nlist})")
-        return self
-
-    def build_params(self) -> dict[str, int]:
-        """Index build parameters for `index_type` (Milvus names)."""
-        if self.index_type == "IVF_FLAT":
-            return {"nlist": self.nlist}
-        if self.index_type == "HNSW":
-            return {"M": self.M, "efConstruction": self.efConstruction}
-        return {}
-
-
-@dataclass(frozen=True)
-class Row:
-    """One stored image.
-
-    Attributes:
-        id: sha256 hex of the image bytes (64 lowercase hex characters).
-        embedding: float32 [dim], L2-normalized by the encoder; None when read without vectors.
-        filename: as uploaded, at most 1024 UTF-8 bytes.
-        ingest_time_ms: unix time of ingestion, milliseconds.
-        metadata: JSON object (str keys; values JSON-serializable), at most 64 KiB serialized.
-    """
-
-    id: str
-    embedding: np.ndarray | None
-    filename: str
-    ingest_time_ms: int
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: `score` is the cosine similarity in [-1, 1], higher is more similar.
-
-    `embedding` is the stored vector, float32 [dim], when the search asked for it (`with_vectors=True`),
-    else None; it takes no part in equality or repr.
-    """
-
-    id: str
-    score: float
-    filename: str
-    ingest_time_ms: int
-    metadata: dict[str, Any]
-    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` with any `user:password@` userinfo replaced by `***@`, for logs and error messages."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
 class VectorStore:
@@ -222,7 +114,7 @@ class VectorStore:
             ValueError: malformed uri, collection name or dim; tls set for a Milvus Lite file.
             retrieval_service.tls.TlsConfigError: a TLS file is missing or not PEM.
         """
-        if not (uri.endswith(".db") or uri.startswith(("http://", "https://", "tcp://", "unix:"))):
+        if not (is_lite_uri(uri) or uri.startswith(SERVER_URI_PREFIXES)):
             raise ValueError(
                 f"milvus uri {redact_uri(uri)!r} is neither a Milvus Lite file (ending in .db) nor a server URI "
                 "(http://host:19530)"
@@ -232,8 +124,8 @@ class VectorStore:
                 f"collection name {collection!r} must be letters, digits and '_', not start with a digit, "
                 "<= 255 characters"
             )
-        if not isinstance(dim, int) or not 1 <= dim <= 32768:
-            raise ValueError(f"dim must be an int in [1, 32768], got {dim!r}")
+        if not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+            raise ValueError(f"dim must be an int in [1, {MAX_DIM}], got {dim!r}")
         self.uri = uri
         self.collection = collection
         self.dim = dim
@@ -242,7 +134,7 @@ class VectorStore:
         self.timeout_s = float(timeout_s)
         self._token = token
         self._tls_kwargs = milvus_tls_kwargs(tls) if tls is not None else {}
-        if self._tls_kwargs and uri.endswith(".db"):
+        if self._tls_kwargs and is_lite_uri(uri):
             raise ValueError("milvus_tls applies to a Milvus server URI, not to a Milvus Lite file")
         self._lock = threading.RLock()
         # Called after each Milvus call with (operation, seconds, failed), from the calling thread; metrics hook.
@@ -255,8 +147,8 @@ class VectorStore:
 
     @property
     def is_lite(self) -> bool:
-        """True for Milvus Lite (a local .db path), False for a Milvus server."""
-        return self.uri.endswith(".db")
+        """True for Milvus Lite (a local .db path, `schema.is_lite_uri`), False for a Milvus server."""
+        return is_lite_uri(self.uri)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -309,80 +201,34 @@ class VectorStore:
         return self._client
 
     def _create(self, client: MilvusClient, timeout: float) -> None:
-        schema = MilvusClient.create_schema(
-            auto_id=False,
-            enable_dynamic_field=False,
-            description=f"Vitrine image embeddings; model_id={self.model_id}",
-        )
-        schema.add_field("id", DataType.VARCHAR, max_length=64, is_primary=True)
-        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=self.dim)
-        schema.add_field("filename", DataType.VARCHAR, max_length=MAX_FILENAME_BYTES)
-        schema.add_field("ingest_time", DataType.INT64)
-        schema.add_field("metadata", DataType.JSON)
         client.create_collection(
             self.collection,
-            schema=schema,
-            index_params=self._index_spec(),
+            schema=collection_schema(self.dim, self.model_id),
+            index_params=self.index.index_spec(),
             consistency_level="Strong",
-            properties={MODEL_ID_PROPERTY: self.model_id, SCHEMA_VERSION_PROPERTY: SCHEMA_VERSION},
+            properties=collection_properties(self.model_id),
             timeout=timeout,
         )
         log.info("created Milvus collection %s (dim %d, %s, model %s)", self.collection, self.dim,
                  self.index.index_type, self.model_id or "-")
 
-    def _index_spec(self) -> Any:
-        spec = MilvusClient.prepare_index_params()
-        # Build parameters nested under "params": Milvus Lite only reads them there; the server accepts both.
-        build = self.index.build_params()
-        spec.add_index(
-            "embedding",
-            index_type=self.index.index_type,
-            index_name="embedding",
-            metric_type=self.index.metric_type,
-            params={"params": build} if build else {},
-        )
-        return spec
-
     def _check_existing(self, client: MilvusClient, timeout: float) -> None:
         desc = client.describe_collection(self.collection, timeout=timeout)
-        fields = {f["name"]: f for f in desc.get("fields", [])}
-        expected = {
-            "id": DataType.VARCHAR,
-            "embedding": DataType.FLOAT_VECTOR,
-            "filename": DataType.VARCHAR,
-            "ingest_time": DataType.INT64,
-            "metadata": DataType.JSON,
-        }
-        wrong = [n for n, t in expected.items() if n not in fields or fields[n]["type"] != t]
-        if wrong or not fields["id"].get("is_primary"):
-            raise CollectionMismatchError(
-                f"collection {self.collection!r} exists with another schema (fields {sorted(fields)}; "
-                f"expected {sorted(expected)} with primary key 'id'); use another collection name"
-            )
-        stored_dim = int(fields["embedding"].get("params", {}).get("dim", -1))
-        if stored_dim != self.dim:
-            raise CollectionMismatchError(
-                f"collection {self.collection!r} stores {stored_dim}-d embeddings but this model produces "
-                f"{self.dim}-d ones; use another collection name or drop it"
-            )
-        properties = desc.get("properties") or {}
-        stored = properties.get(MODEL_ID_PROPERTY)
-        if stored is None:
-            match = re.search(r"model_id=(\S*)", desc.get("description") or "")
-            stored = match.group(1) if match else ""
+        check_fields(self.collection, desc, self.dim)
+        stored = stored_model_id(desc)
         self._stored_model_id = stored
         if self.model_id and stored != self.model_id:
             raise CollectionMismatchError(
                 f"collection {self.collection!r} holds embeddings of model {stored or '(unrecorded)'!r}, "
                 f"not {self.model_id!r}; use another collection name (vitrine derives one per model)"
             )
-        indexes = client.list_indexes(self.collection, field_name="embedding", timeout=timeout)
+        indexes = client.list_indexes(self.collection, field_name=VECTOR.name, timeout=timeout)
         if not indexes:
-            client.create_index(self.collection, self._index_spec(), timeout=timeout)
-            indexes = client.list_indexes(self.collection, field_name="embedding", timeout=timeout)
+            client.create_index(self.collection, self.index.index_spec(), timeout=timeout)
+            indexes = client.list_indexes(self.collection, field_name=VECTOR.name, timeout=timeout)
         info = client.describe_index(self.collection, indexes[0], timeout=timeout)
         self._index_type = str(info.get("index_type", self.index.index_type))
-        self._index_params = _index_build_params(info)
+        self._index_params = built_params(info)
         if info.get("metric_type", "COSINE") != "COSINE":
             raise CollectionMismatchError(
                 f"collection {self.collection!r} is indexed with metric {info.get('metric_type')}, not COSINE"
@@ -406,7 +252,7 @@ class VectorStore:
 
     @contextmanager
     def _translate(self, operation: str, filter_expr: str = "") -> Iterator[None]:
-        """Map pymilvus / gRPC exceptions to this service's typed errors (see `_map_error`).
+        """Map pymilvus / gRPC exceptions to this service's typed errors (`errors.map_error`).
 
         Reports the call to `call_observer` (operation, seconds, failed); an input error is not a failure.
         """
@@ -420,116 +266,31 @@ class VectorStore:
             raise
         except (DependencyUnavailableError, CollectionMismatchError):
             raise
-        except (MilvusException, grpc.RpcError, grpc.FutureTimeoutError) as exc:
-            mapped = self._map_error(exc, operation, filter_expr)
-            failed = not isinstance(mapped, InvalidInputError)
+        except MILVUS_EXCEPTIONS as exc:
+            mapped = map_error(exc, where=f"{operation} on {self.collection!r} at {redact_uri(self.uri)}",
+                               operation=operation, is_lite=self.is_lite, filter_expr=filter_expr)
             if mapped is None:
                 raise
-            raise mapped from exc
+            failed = not isinstance(mapped.error, InvalidInputError)
+            if mapped.reopen:
+                self._opened = False
+            raise mapped.error from exc
         finally:
             if self.call_observer is not None:
                 self.call_observer(operation, time.perf_counter() - started, failed)
 
-    def _map_error(self, exc: Exception, operation: str, filter_expr: str) -> Exception | None:
-        """Return the typed error for a pymilvus/gRPC exception, or None to re-raise it unchanged.
-
-        Mapping (pymilvus 3.0.2 against Milvus Lite 3.2.2 and Milvus server 2.3.5):
-          * MilvusException code 2 (Status.CONNECT_FAILED, "Fail connecting to server on ..."), ConnectError,
-            MilvusUnavailableException, a code that is grpc UNAVAILABLE / DEADLINE_EXCEEDED (pymilvus'
-            retry gave up), grpc.RpcError with those codes, grpc.FutureTimeoutError, and
-            ConnectionConfigException "Open local milvus failed" (Lite)  -> DependencyUnavailableError.
-          * server only: a transport failure after pymilvus' retries (grpc CANCELLED / UNKNOWN / INTERNAL /
-            ABORTED, `_TRANSPORT_GRPC`) or a state a restarting server passes through (`_SERVER_RECOVERING`:
-            not ready, collection not loaded, channel / node not available...) -> DependencyUnavailableError,
-            and the next call re-opens (re-loads) the collection.
-          * collection not found (code 100 / legacy 4; dropped behind our back) -> DependencyUnavailableError,
-            and the next call re-opens (re-creates) it.
-          * with a filter: Lite code 6 (ILLEGAL_ARGUMENT from its filter parser) or a server message
-            "cannot parse expression" / "failed to create query plan" / "failed to create expr plan"
-            -> InvalidFilterError carrying Milvus' message.
-        """
-        where = f"{operation} on {self.collection!r} at {redact_uri(self.uri)}"
-        if isinstance(exc, grpc.FutureTimeoutError):
-            return DependencyUnavailableError("milvus", f"{where}: timed out")
-        if isinstance(exc, grpc.RpcError):
-            code = exc.code() if callable(getattr(exc, "code", None)) else None
-            if code in _UNAVAILABLE_GRPC:
-                return DependencyUnavailableError("milvus", f"{where}: {code.name}: {exc.details()}")
-            return None
-        assert isinstance(exc, MilvusException)
-        code, message = exc.code, exc.message or str(exc)
-        if (
-            isinstance(exc, (ConnectError, MilvusUnavailableException))
-            or code == _CONNECT_FAILED
-            or code in _UNAVAILABLE_GRPC
-            or (isinstance(exc, ConnectionConfigException) and "open local milvus" in message.lower())
-        ):
-            self._opened = False
-            if isinstance(exc, ConnectionConfigException) and self.is_lite:
-                message += " (is another process using this Milvus Lite file? is its directory writable?)"
-            return DependencyUnavailableError("milvus", f"{where}: {message}")
-        if not self.is_lite and (
-            code in _TRANSPORT_GRPC
-            or code in _SERVER_RECOVERING
-            or (code == 1 and "not ready" in message.lower())
-        ):
-            self._opened = False  # re-open (and re-load) the collection on the next call
-            return DependencyUnavailableError("milvus", f"{where}: server not answering normally ({message})")
-        if code in _COLLECTION_NOT_FOUND and operation != "open":
-            self._opened = False
-            return DependencyUnavailableError(
-                "milvus", f"{where}: collection not found ({message}); re-opening"
-            )
-        if filter_expr and (
-            (self.is_lite and code == _LITE_ILLEGAL_ARGUMENT)
-            or any(marker in message for marker in _SERVER_FILTER_MARKERS)
-            or isinstance(exc.__cause__, UnicodeError)  # pymilvus: an escape in the filter decoded to a surrogate
-        ):
-            return InvalidFilterError(f"invalid filter {filter_expr!r}: {message}")
-        return None
-
     # --- validation --------------------------------------------------------------------------------------
 
     @staticmethod
-    def _check_filter(filter_expr: object) -> str:
-        """Validate a client filter against the schema (retrieval_service.usecases.filters); return Milvus' expression."""
-        if not isinstance(filter_expr, str):
-            raise InvalidFilterError(f"filter must be a string, got {type(filter_expr).__name__}")
-        return validate_filter(filter_expr)
+    def _check_filter(filter_expr: str) -> FilterExpr:
+        """Milvus' expression for a filter: a `FilterExpr` as is, a plain str validated (.filters) first.
 
-    def _check_row(self, row: Row) -> dict[str, Any]:
-        check_content_id(row.id)
-        if row.embedding is None:
-            raise InvalidInputError(f"row {row.id}: embedding is missing")
-        vec = np.asarray(row.embedding, dtype=np.float32)
-        if vec.shape != (self.dim,):
-            raise InvalidInputError(f"row {row.id}: embedding has shape {vec.shape}, expected ({self.dim},)")
-        if not np.all(np.isfinite(vec)) or not np.any(vec):
-            raise InvalidInputError(f"row {row.id}: embedding has NaN/inf values or is all zeros")
-        if not isinstance(row.filename, str) or len(row.filename.encode("utf-8")) > MAX_FILENAME_BYTES:
-            raise InvalidInputError(
-                f"row {row.id}: filename must be a str of at most {MAX_FILENAME_BYTES} UTF-8 bytes"
-            )
-        t = row.ingest_time_ms
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < 2**63:
-            raise InvalidInputError(f"row {row.id}: ingest_time_ms must be a non-negative int64, got {t!r}")
-        if not isinstance(row.metadata, dict):
-            raise InvalidInputError(f"row {row.id}: metadata must be a JSON object (dict)")
-        try:
-            size = len(json.dumps(row.metadata, ensure_ascii=False, allow_nan=False).encode("utf-8"))
-        except (TypeError, ValueError) as exc:
-            raise InvalidInputError(f"row {row.id}: metadata is not JSON-serializable: {exc}") from None
-        if size > MILVUS_MAX_JSON_BYTES:
-            raise InvalidInputError(
-                f"row {row.id}: metadata is {size} bytes of JSON; the limit is {MILVUS_MAX_JSON_BYTES}"
-            )
-        return {
-            "id": row.id,
-            "embedding": vec,
-            "filename": row.filename,
-            "ingest_time": int(row.ingest_time_ms),
-            "metadata": row.metadata,
-        }
+        Raises:
+            InvalidFilterError: not a str, or outside the grammar.
+        """
+        if isinstance(filter_expr, FilterExpr):
+            return filter_expr
+        return validate_filter(filter_expr)
 
     @staticmethod
     def _ids_exprs(ids: Sequence[str]) -> Iterator[tuple[list[str], str]]:
@@ -537,7 +298,7 @@ class VectorStore:
         unique = list(dict.fromkeys(check_content_id(i) for i in ids))
         for start in range(0, len(unique), _IDS_PER_EXPR):
             chunk = unique[start : start + _IDS_PER_EXPR]
-            yield chunk, f"id in {json.dumps(chunk)}"
+            yield chunk, f"{PRIMARY.name} in {json.dumps(chunk)}"
 
     # --- operations --------------------------------------------------------------------------------------
 
@@ -556,10 +317,10 @@ class VectorStore:
             client = self._ready()
             for _, expr in exprs:
                 rows = client.query(
-                    self.collection, filter=expr, output_fields=["id"], consistency_level=consistency,
+                    self.collection, filter=expr, output_fields=[PRIMARY.name], consistency_level=consistency,
                     timeout=self.timeout_s,
                 )
-                found.update(r["id"] for r in rows)
+                found.update(r[PRIMARY.name] for r in rows)
         return found
 
     def insert(self, rows: Sequence[Row]) -> int:
@@ -577,7 +338,7 @@ class VectorStore:
             InvalidInputError: a row is malformed (id, embedding shape/values, filename, time, metadata).
             DependencyUnavailableError: Milvus is unreachable.
         """
-        data = list({r["id"]: r for r in (self._check_row(row) for row in rows)}.values())
+        data = list({r.id: to_entity(r) for r in (check_row(row, self.dim) for row in rows)}.values())
         if not data:
             return 0
         # Milvus Lite flushes synchronously inside an upsert; at ~60k rows x 512-d on 2 busy cores that alone took
@@ -620,8 +381,9 @@ class VectorStore:
             top_k: results per query, >= 1.
             offset: results to skip (pagination); offset + top_k <= 16384 (Milvus' window).
             filter: boolean expression over id / filename / ingest_time / metadata, e.g.
-                'metadata["label"] == 3 and filename like "cat%"'; '' for none. Checked and re-rendered by
-                retrieval_service.usecases.filters (grammar there) before Milvus sees it.
+                'metadata["label"] == 3 and filename like "cat%"'; '' for none. A plain str is checked and
+                re-rendered by retrieval_service.adapters.milvus.filters (grammar there) before Milvus sees it;
+                a `FilterExpr` (what `validate_filter` returns) is sent as is.
             min_score: drop hits whose cosine similarity is below it.
             with_vectors: also return each hit's stored embedding (Hit.embedding, float32 [dim]; as
                 stored, i.e. L2-normalized by the encoder), e.g. for a rerank stage; else it is None.
@@ -631,28 +393,12 @@ class VectorStore:
 
         Raises:
             InvalidInputError: bad shape/dtype/values, top_k, offset or window.
-            InvalidFilterError: `filter` is outside the grammar of retrieval_service.usecases.filters (the message names
-                the token and position), or Milvus cannot parse it (its message included).
+            InvalidFilterError: `filter` is outside the grammar of retrieval_service.adapters.milvus.filters (the
+                message names the token and position), or Milvus cannot parse it (its message included).
             DependencyUnavailableError: Milvus is unreachable.
         """
-        queries = np.asarray(vectors)
-        if queries.ndim != 2 or queries.shape[1] != self.dim or not 1 <= queries.shape[0] <= MILVUS_MAX_NQ:
-            raise InvalidInputError(
-                f"vectors must be [Q, {self.dim}] with 1 <= Q <= {MILVUS_MAX_NQ}, got shape {queries.shape}"
-            )
-        if not np.issubdtype(queries.dtype, np.floating):
-            raise InvalidInputError(f"vectors must be floating point, got {queries.dtype}")
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if not np.all(np.isfinite(queries)):
-            raise InvalidInputError("vectors contain NaN or inf")
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise InvalidInputError(f"top_k must be an int >= 1, got {top_k!r}")
-        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-            raise InvalidInputError(f"offset must be an int >= 0, got {offset!r}")
-        if offset + top_k > MILVUS_MAX_WINDOW:
-            raise InvalidInputError(
-                f"offset + top_k = {offset + top_k} exceeds Milvus' search window of {MILVUS_MAX_WINDOW}"
-            )
+        queries = check_queries(vectors, self.dim)
+        check_window(top_k, offset)
         if min_score is not None and (not isinstance(min_score, (int, float)) or math.isnan(min_score)):
             raise InvalidInputError(f"min_score must be a number, got {min_score!r}")
         expr = self._check_filter(filter)
@@ -664,41 +410,21 @@ class VectorStore:
                 filter=expr,
                 limit=int(top_k),
                 offset=int(offset),
-                output_fields=_OUTPUT_FIELDS + (["embedding"] if with_vectors else []),
+                output_fields=output_fields(with_vectors),
                 search_params={"metric_type": "COSINE", "params": self._search_params(int(offset + top_k))},
-                anns_field="embedding",
+                anns_field=VECTOR.name,
                 consistency_level=_READ_CONSISTENCY,
                 timeout=self.timeout_s,
             )
         out: list[list[Hit]] = []
         for hits in results:
-            page = []
-            for hit in hits:
-                score = float(hit["distance"])
-                if min_score is not None and score < min_score:
-                    continue
-                entity = hit.get("entity") or {}
-                page.append(
-                    Hit(
-                        id=str(hit["id"]),
-                        score=score,
-                        filename=str(entity.get("filename", "")),
-                        ingest_time_ms=int(entity.get("ingest_time", 0)),
-                        metadata=dict(entity.get("metadata") or {}),
-                        embedding=(
-                            np.asarray(entity["embedding"], dtype=np.float32) if with_vectors else None
-                        ),
-                    )
-                )
-            out.append(page)
+            page = [hit_of(hit, with_vectors=with_vectors) for hit in hits]
+            out.append([h for h in page if min_score is None or h.score >= min_score])
         return out
 
     def _search_params(self, window: int) -> dict[str, int]:
-        if self._index_type == "HNSW":
-            return {"ef": max(self.index.ef, window)}  # Milvus requires ef >= top_k (offset included)
-        if self._index_type.startswith("IVF"):
-            return {"nprobe": min(self.index.nprobe, int(self._index_params.get("nlist", self.index.nprobe)))}
-        return {}
+        """Search parameters of the index the collection has (as built), for offset + top_k = `window`."""
+        return self.index.search_params(self._index_type, self._index_params, window)
 
     def get(self, ids: Sequence[str], *, with_vectors: bool = False) -> list[Row]:
         """Stored rows for `ids`, in the order asked; ids not stored are left out (duplicates once).
@@ -711,7 +437,7 @@ class VectorStore:
             InvalidInputError: an id is malformed.
             DependencyUnavailableError: Milvus is unreachable.
         """
-        fields = _OUTPUT_FIELDS + (["embedding"] if with_vectors else [])
+        fields = output_fields(with_vectors)
         exprs = list(self._ids_exprs(ids))
         by_id: dict[str, Row] = {}
         with self._translate("get"):
@@ -721,24 +447,19 @@ class VectorStore:
                     self.collection, filter=expr, output_fields=fields, consistency_level=_READ_CONSISTENCY,
                     timeout=self.timeout_s,
                 ):
-                    by_id[r["id"]] = Row(
-                        id=r["id"],
-                        embedding=np.asarray(r["embedding"], dtype=np.float32) if with_vectors else None,
-                        filename=r["filename"],
-                        ingest_time_ms=int(r["ingest_time"]),
-                        metadata=dict(r.get("metadata") or {}),
-                    )
+                    row = row_of(r, with_vectors=with_vectors)
+                    by_id[row.id] = row
         return [by_id[i] for i in dict.fromkeys(ids) if i in by_id]
 
     def delete(self, ids: Sequence[str] | None = None, filter: str | None = None) -> int:  # noqa: A002
-        """Delete rows by ids or by a filter expression (exactly one of them).
+        """Delete rows by ids or by a filter expression (exactly one of them; a str or a `FilterExpr`, as `search`).
 
         Returns:
             How many stored rows were deleted (ids not stored do not count).
 
         Raises:
             InvalidInputError: both or neither given, an empty filter, or a malformed id.
-            InvalidFilterError: Milvus cannot parse `filter`.
+            InvalidFilterError: `filter` is outside the grammar, or Milvus cannot parse it.
             DependencyUnavailableError: Milvus is unreachable.
         """
         if (ids is None) == (filter is None):
@@ -764,10 +485,10 @@ class VectorStore:
             return matched
 
     def count(self, filter: str = "") -> int:  # noqa: A002
-        """Exact number of stored rows (matching `filter` when given), Strong consistency.
+        """Exact number of stored rows (matching `filter`, a str or a `FilterExpr` as `search`), Strong consistency.
 
         Raises:
-            InvalidFilterError: Milvus cannot parse `filter`.
+            InvalidFilterError: `filter` is outside the grammar, or Milvus cannot parse it.
             DependencyUnavailableError: Milvus is unreachable.
         """
         expr = self._check_filter(filter)
@@ -799,26 +520,3 @@ class VectorStore:
             "count": count,
         }
 
-
-def _index_build_params(info: dict[str, Any]) -> dict[str, int]:
-    """Build parameters from `describe_index` output, which nests them under 'params' (Lite, or when
-    created nested) or flattens them as strings (server)."""
-    params: dict[str, Any] = {}
-    nested = info.get("params")
-    if isinstance(nested, str):
-        try:
-            nested = json.loads(nested)
-        except ValueError:
-            nested = {}
-    if isinstance(nested, dict):
-        params.update(nested)
-    for key in ("nlist", "M", "efConstruction"):
-        if key in info:
-            params[key] = info[key]
-    out: dict[str, int] = {}
-    for key, value in params.items():
-        try:
-            out[key] = int(value)
-        except (TypeError, ValueError):
-            continue
-    return out

@@ -6,40 +6,29 @@ repository's manifest. It validates shapes/dtypes against the manifest before se
 larger than the server's `max_batch_size` into chunks sent concurrently (Triton's dynamic batcher merges
 them again as it sees fit), checks on first use (and again after an outage) that the server's model
 configs match the manifest, and maps a down/unreachable server to `DependencyUnavailableError('encoder')`.
+The channel, readiness, config cache and error translation are `TritonChannel`'s.
 
 This module imports neither torch nor open_clip.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from tritonclient.grpc import InferInput, InferRequestedOutput, model_config_pb2, service_pb2
+from tritonclient.grpc import InferInput, model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
+from retrieval_service.adapters.triton.channel import TritonChannel, TritonError
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
-from retrieval_service.adapters.triton.channel import TritonChannel
-from vitrine.manifest import Manifest
+from vitrine.manifest import ImageTower, Manifest, TextTower
 
-log = logging.getLogger(__name__)
-
-DEPENDENCY = "encoder"
 DEFAULT_URL = "127.0.0.1:8001"
-# gRPC status codes (as tritonclient spells them) that mean "the encoder is not reachable or not
-# serving right now"; a caller may retry later. Anything else is a bug or a misconfiguration.
-_UNAVAILABLE_CODES = frozenset(
-    {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
-)
-# During inference a model that passed the first-use check can vanish (server stopping, model unloaded).
-_NOT_FOUND = "StatusCode.NOT_FOUND"
 
 
-class EncoderError(RuntimeError):
+class EncoderError(TritonError):
     """The encoder answered, but not as expected (an internal server error, a malformed response)."""
 
 
@@ -60,12 +49,17 @@ class _Tower:
     max_batch_size: int = 0
     kind: str = ""  # "image" | "text": the `tower` label of metrics
 
+    @classmethod
+    def of(
+        cls, spec: ImageTower | TextTower, dtype: type[np.generic], triton_dtype: str,
+        input_shape: tuple[int, ...], *, kind: str,
+    ) -> _Tower:
+        """The tower the manifest's `spec` describes (not yet confirmed: max_batch_size 0)."""
+        return cls(model=spec.triton_model, input_name=spec.input_name, output_name=spec.output_name,
+                   input_dtype=np.dtype(dtype), triton_dtype=triton_dtype, input_shape=input_shape, kind=kind)
 
-def _describe_error(exc: InferenceServerException) -> str:
-    return f"{exc.status() or 'error'}: {exc.message()}"
 
-
-class EncoderClient(TritonChannel):
+class EncoderClient(TritonChannel[_Tower]):
     """Async client of the image and text towers served by Triton.
 
     Args:
@@ -75,35 +69,22 @@ class EncoderClient(TritonChannel):
 
     The gRPC channel is opened lazily on first use, inside the running event loop, so the client can be
     constructed outside one. Use one client per event loop; `close()` it when done.
+
+    Raises:
+        ValueError: timeout_s <= 0.
     """
 
+    subject = "encoder"
+    error_class = EncoderError
+    mismatch_class = EncoderMismatchError
+
     def __init__(self, url: str, manifest: Manifest, *, timeout_s: float = 30.0) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        super().__init__(url)
+        super().__init__(url, timeout_s=timeout_s)
         self.manifest = manifest
-        self.timeout_s = float(timeout_s)
         height, width = manifest.image.size
-        self._image = _Tower(
-            model=manifest.image.triton_model,
-            input_name=manifest.image.input_name,
-            output_name=manifest.image.output_name,
-            input_dtype=np.dtype(np.uint8),
-            triton_dtype="UINT8",
-            input_shape=(height, width, 3),
-            kind="image",
-        )
-        self._text = _Tower(
-            model=manifest.text.triton_model,
-            input_name=manifest.text.input_name,
-            output_name=manifest.text.output_name,
-            input_dtype=np.dtype(np.int64),
-            triton_dtype="INT64",
-            input_shape=(manifest.text.context_length,),
-            kind="text",
-        )
-        self._checked: dict[str, _Tower] = {}
-        self._check_lock: asyncio.Lock | None = None
+        self._image = _Tower.of(manifest.image, np.uint8, "UINT8", (height, width, 3), kind="image")
+        self._text = _Tower.of(manifest.text, np.int64, "INT64", (manifest.text.context_length,), kind="text")
+        self._towers = {tower.model: tower for tower in (self._image, self._text)}
         # Called after each inference request with (tower "image" | "text", seconds, failed); metrics hook.
         self.call_observer: Callable[[str, float, bool], None] | None = None
 
@@ -151,22 +132,7 @@ class EncoderClient(TritonChannel):
         Never raises for a down server: returns False (connection refused, timeout, model loading).
         A model whose config contradicts the manifest also gives False, with the reason logged.
         """
-        try:
-            client = self._get_client()
-            for tower in (self._image, self._text):
-                if not await client.is_model_ready(tower.model, client_timeout=self.timeout_s):
-                    self._checked.clear()
-                    return False
-            await self._ensure_checked(self._image)
-            await self._ensure_checked(self._text)
-            return True
-        except EncoderMismatchError as exc:
-            log.error("encoder at %s does not serve this manifest's models: %s", self.url, exc)
-            return False
-        except (InferenceServerException, DependencyUnavailableError, EncoderError) as exc:
-            log.debug("encoder at %s not ready: %s", self.url, exc)
-            self._checked.clear()
-            return False
+        return await self.is_model_ready([self._image.model, self._text.model])
 
     async def model_statistics(self, name: str) -> service_pb2.ModelStatistics:
         """Triton's inference statistics of model `name` (its first listed version; Vitrine serves one).
@@ -184,28 +150,12 @@ class EncoderClient(TritonChannel):
         try:
             response = await client.get_inference_statistics(model_name=name, client_timeout=self.timeout_s)
         except InferenceServerException as exc:
-            raise self._translate(exc, f"statistics of {name!r}") from exc
+            raise self.translate(exc, f"statistics of {name!r}") from exc
         if not response.model_stats:
             raise EncoderError(f"encoder at {self.url} has no statistics for model {name!r}")
         return response.model_stats[0]
 
-
-
     # --------------------------------------------------------------------------------------- internals
-
-    def _translate(
-        self, exc: InferenceServerException, what: str, *, gone_is_down: bool = False
-    ) -> Exception:
-        """Map a tritonclient error to DependencyUnavailableError (down/unreachable) or EncoderError.
-
-        `gone_is_down`: NOT_FOUND (unknown model) also means unavailable, for models already checked.
-        """
-        if exc.status() in _UNAVAILABLE_CODES or (gone_is_down and exc.status() == _NOT_FOUND):
-            return DependencyUnavailableError(
-                DEPENDENCY, f"Triton at {self.url} failed {what} ({_describe_error(exc)})"
-            )
-        return EncoderError(f"encoder at {self.url} failed during {what} ({_describe_error(exc)})")
-
     @staticmethod
     def _validate(array: object, tower: _Tower, name: str, layout: str) -> None:
         if not isinstance(array, np.ndarray):
@@ -219,34 +169,9 @@ class EncoderClient(TritonChannel):
                 f"got {list(array.shape)}"
             )
 
-    async def _ensure_checked(self, tower: _Tower) -> _Tower:
-        """On first use, confirm the served config matches the manifest; cache the confirmed tower."""
-        confirmed = self._checked.get(tower.model)
-        if confirmed is not None:
-            return confirmed
-        if self._check_lock is None:
-            self._check_lock = asyncio.Lock()
-        async with self._check_lock:
-            confirmed = self._checked.get(tower.model)
-            if confirmed is None:
-                confirmed = await self._check_config(tower)
-                self._checked[tower.model] = confirmed
-        return confirmed
-
-    async def _check_config(self, tower: _Tower) -> _Tower:
-        client = self._get_client()
-        try:
-            if not await client.is_model_ready(tower.model, client_timeout=self.timeout_s):
-                raise DependencyUnavailableError(
-                    DEPENDENCY,
-                    f"Triton at {self.url}: model {tower.model!r} is not ready (unknown or still loading)",
-                )
-            config: model_config_pb2.ModelConfig = (
-                await client.get_model_config(tower.model, client_timeout=self.timeout_s)
-            ).config
-        except InferenceServerException as exc:
-            raise self._translate(exc, f"config check of {tower.model!r}") from exc
-
+    def _check_config(self, model: str, config: model_config_pb2.ModelConfig) -> _Tower:
+        """Confirm the served config of a tower matches the manifest; the tower with its max_batch_size."""
+        tower = self._towers[model]
         problems: list[str] = []
         inputs = {t.name: t for t in config.input}
         outputs = {t.name: t for t in config.output}
@@ -287,39 +212,27 @@ class EncoderClient(TritonChannel):
         return dataclasses.replace(tower, max_batch_size=int(config.max_batch_size))
 
     async def _encode(self, tower: _Tower, array: np.ndarray) -> np.ndarray:
-        dim = self.manifest.embedding_dim
         if array.shape[0] == 0:
-            return np.empty((0, dim), dtype=np.float32)
-        confirmed = await self._ensure_checked(tower)
-        step = confirmed.max_batch_size
-        chunks = [array[i : i + step] for i in range(0, array.shape[0], step)]
-        try:
-            results = await asyncio.gather(*(self._infer(confirmed, chunk) for chunk in chunks))
-        except DependencyUnavailableError:
-            self._checked.clear()  # the server may come back with other models: check them again
-            raise
-        return results[0] if len(results) == 1 else np.concatenate(results, axis=0)
+            return np.empty((0, self.manifest.embedding_dim), dtype=np.float32)
+        confirmed = await self.checked(tower.model)
+        return await self.infer_in_chunks(
+            array, confirmed.max_batch_size, lambda chunk: self._infer_chunk(confirmed, chunk)
+        )
 
     def _observe(self, tower: _Tower, started: float, *, failed: bool) -> None:
         if self.call_observer is not None:
             self.call_observer(tower.kind, time.perf_counter() - started, failed)
 
-    async def _infer(self, tower: _Tower, chunk: np.ndarray) -> np.ndarray:
+    async def _infer_chunk(self, tower: _Tower, chunk: np.ndarray) -> np.ndarray:
         infer_input = InferInput(tower.input_name, list(chunk.shape), tower.triton_dtype)
         infer_input.set_data_from_numpy(np.ascontiguousarray(chunk))
         started = time.perf_counter()
         try:
-            result = await self._get_client().infer(
-                tower.model,
-                [infer_input],
-                outputs=[InferRequestedOutput(tower.output_name)],
-                client_timeout=self.timeout_s,
-            )
-        except InferenceServerException as exc:
+            embedding = await self.infer(tower.model, [infer_input], tower.output_name)
+        except (DependencyUnavailableError, EncoderError):
             self._observe(tower, started, failed=True)
-            raise self._translate(exc, f"inference on {tower.model!r}", gone_is_down=True) from exc
+            raise
         self._observe(tower, started, failed=False)
-        embedding = result.as_numpy(tower.output_name)
         expected = (chunk.shape[0], self.manifest.embedding_dim)
         if embedding is None or embedding.dtype != np.float32 or embedding.shape != expected:
             got = None if embedding is None else (embedding.dtype, embedding.shape)
