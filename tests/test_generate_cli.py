@@ -23,7 +23,8 @@ from PIL import Image
 from retrieval_service.grpc.server import create_server
 from retrieval_service.settings import Settings
 from vitrine.client import IngestFile, VitrineClient
-from tools.generate import REPORT_COLUMNS, generate_one, load_plan, run_batch
+from tools.generate import REPORT_COLUMNS, generate_one, run_batch
+from tools.generate_plan import load_plan
 
 API_KEY = "test-key-0123456789abcdef"
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -6,16 +6,26 @@ Run `vitrine --help` or `vitrine COMMAND --help`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import grpc
 import typer
+from google.protobuf import json_format
 from rich.console import Console
-from rich.table import Table
 
+from export import ExportError
+from retrieval_service.logs import configure_logging
 from tools.bench.cli import bench_app
+from tools.generate import generate_one, run_batch
+from tools.ingest_folder import ingest_folder
+from tools.processes import Ports, local_stack
+from tools.results import print_results, results_contact_sheet
+from vitrine.client import VitrineClient, guess_suffix
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -44,7 +54,6 @@ def _client_security(
     They are put in the environment (VITRINE_TOKEN, VITRINE_TLS_*), where `vitrine.client.VitrineClient` reads
     them, so every client command and helper uses them.
     """
-    import os  # noqa: PLC0415
 
     for name, value in (("VITRINE_TOKEN", token), ("VITRINE_TLS_CA", tls_ca), ("VITRINE_TLS_CERT", tls_cert),
                         ("VITRINE_TLS_KEY", tls_key), ("VITRINE_USE_TLS", "1" if tls else None)):
@@ -86,8 +95,7 @@ def export(
 ) -> None:
     """Export an open_clip model's image and text towers to ONNX and write a Triton model repository."""
     _logging(verbose)
-    from export import ExportError  # noqa: PLC0415
-    from export.onnx_export import export_repository  # noqa: PLC0415
+    from export.onnx_export import export_repository  # noqa: PLC0415 - torch, open_clip
 
     try:
         manifest = export_repository(
@@ -100,7 +108,7 @@ def export(
         console.print(f"[red]export failed:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print(f"wrote {output}: model_id={manifest.model_id} dim={manifest.embedding_dim}")
-    from export.parity import ParityReport  # noqa: PLC0415
+    from export.parity import ParityReport  # noqa: PLC0415 - torch
 
     report = ParityReport.read(output)
     if report is None:
@@ -122,7 +130,7 @@ def train_demo(
 ) -> None:
     """Train (or reuse) the offline demo CLIP on scikit-learn digits, export it, write the demo data set."""
     _logging(False)
-    from tools.demo import prepare_demo  # noqa: PLC0415
+    from tools.demo import prepare_demo  # noqa: PLC0415 - export.demo, numpy, PIL: only for this verb
 
     prepared = prepare_demo(cache_dir, output, dataset)
     console.print(f"model repository: {prepared.repository} ({prepared.manifest.model_id})")
@@ -144,7 +152,7 @@ def serve_encoder(
 ) -> None:
     """Serve the repository's towers with Triton (KServe v2 gRPC + HTTP, Prometheus metrics) until SIGTERM."""
     _logging(verbose)
-    from encoder_server.server import EncoderServer  # noqa: PLC0415
+    from encoder_server.server import EncoderServer  # noqa: PLC0415 - PyTriton, onnxruntime: serve-encoder only
 
     server = EncoderServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
                            metrics_port=metrics_port, ort_threads=ort_threads)
@@ -167,11 +175,9 @@ def serve(
     verbose: Annotated[bool, typer.Option(help="log at DEBUG")] = False,
 ) -> None:
     """Run the gRPC retrieval service until SIGTERM (flags > VITRINE_* env > --config file > defaults)."""
-    import asyncio  # noqa: PLC0415
 
-    from retrieval_service.logs import configure_logging  # noqa: PLC0415
-    from retrieval_service.grpc.server import serve as serve_async  # noqa: PLC0415
-    from retrieval_service.settings import Settings  # noqa: PLC0415
+    from retrieval_service.grpc.server import serve as serve_async  # noqa: PLC0415 - tritonclient, pymilvus
+    from retrieval_service.settings import Settings  # noqa: PLC0415 - imports the Milvus adapter (pymilvus)
 
     overrides = dict(model_repository=repository, host=host, port=port, encoder_url=encoder_url,
                      milvus_uri=milvus_uri, blob_dir=blob_dir, metrics_port=metrics_port, log_format=log_format,
@@ -191,7 +197,6 @@ def up(
 ) -> None:
     """Start the encoder server and the retrieval service on the default ports for local use; Ctrl-C stops."""
     _logging(False)
-    from tools.processes import Ports, local_stack  # noqa: PLC0415
 
     with local_stack(repository, ports=Ports(), milvus_uri=milvus_uri, blob_dir=blob_dir,
                      log_dir=Path("var/logs")) as stack:
@@ -214,7 +219,6 @@ def ingest(
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Ingest every image under FOLDER with a progress bar; prints counts and images/s."""
-    from tools.ingest_folder import ingest_folder  # noqa: PLC0415
 
     report = ingest_folder(target, folder, metadata)
     console.print(report.summary())
@@ -235,11 +239,7 @@ def search(
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Search by TEXT or --image; prints rank, score, id, filename and metadata."""
-    import grpc  # noqa: PLC0415
-    from google.protobuf import json_format  # noqa: PLC0415
 
-    from vitrine.client import VitrineClient  # noqa: PLC0415
-    from tools.results import print_results, results_contact_sheet  # noqa: PLC0415
 
     if (text is None) == (image is None):
         raise typer.BadParameter("give a TEXT query or --image (one of them)")
@@ -263,9 +263,7 @@ def search(
 @app.command()
 def stats(target: Target = DEFAULT_TARGET) -> None:
     """Print collection statistics (count, model id, dim, index)."""
-    from google.protobuf import json_format  # noqa: PLC0415
 
-    from vitrine.client import VitrineClient  # noqa: PLC0415
 
     with VitrineClient(target) as client:
         print(json_format.MessageToJson(client.stats()))
@@ -278,7 +276,6 @@ def delete(
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Delete images by --id (repeatable) or --filter."""
-    from vitrine.client import VitrineClient  # noqa: PLC0415
 
     with VitrineClient(target) as client:
         console.print(f"deleted {client.delete(image_ids=ids or [], filter=filter)} images")
@@ -291,7 +288,6 @@ def get(
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Fetch a stored image by id and write it to --output (default <id><suffix>)."""
-    from vitrine.client import VitrineClient, guess_suffix  # noqa: PLC0415
 
     with VitrineClient(target) as client:
         resp = client.get_image(image_id)
@@ -318,10 +314,7 @@ def generate(
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Generate images with Gemini from retrieved references; saves them and prints where."""
-    import grpc  # noqa: PLC0415
 
-    from vitrine.client import VitrineClient  # noqa: PLC0415
-    from tools.generate import generate_one  # noqa: PLC0415
 
     options = {k: v for k, v in dict(temperature=temperature, seed=seed, aspect_ratio=aspect_ratio).items()
                if v is not None}
@@ -348,13 +341,12 @@ def generate(
 
 @app.command("generate-batch")
 def generate_batch(
-    plan: Annotated[Path, typer.Argument(help="plan file, YAML or CSV (see tools/generate.py)")],
+    plan: Annotated[Path, typer.Argument(help="plan file, YAML or CSV (see tools/generate_plan.py)")],
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("generated"),
     concurrency: Annotated[Optional[int], typer.Option(help="calls in flight; default the plan's")] = None,
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Run a generation plan (prompt template x rows x scenes): bounded concurrency, resumable, report file."""
-    from tools.generate import run_batch  # noqa: PLC0415
 
     report = run_batch(target, plan, output, concurrency=concurrency)
     console.print(f"{report.counts} in {report.wall_s:.1f} s; report: {report.report_json}, {report.report_csv}")
@@ -370,7 +362,7 @@ def demo(
 ) -> None:
     """End to end on embedded defaults: train/export the demo model, start both servers, ingest, search."""
     _logging(False)
-    from tools.demo import run_demo  # noqa: PLC0415
+    from tools.demo import run_demo  # noqa: PLC0415 - export.demo, numpy, PIL: only for this verb
 
     run_demo(out=out, cache_dir=cache_dir, console=console)
 

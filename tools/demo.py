@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -26,7 +27,15 @@ from statistics import median
 
 from rich.console import Console
 
+from export.demo import MODEL_NAME
+from export.demo.captions import EVALUATION_TEMPLATES
+from export.demo.data import load_split, render_item, write_dataset
+from tools.ingest_folder import ingest_folder
+from tools.processes import Child, Ports, free_port, local_stack
+from tools.results import metadata_dict, print_results, results_contact_sheet
+from vitrine.client import VitrineClient
 from vitrine.manifest import Manifest
+from vitrine.v1 import retrieval_service_pb2 as pb
 
 TOP_K = 10
 
@@ -46,10 +55,8 @@ def prepare_demo(cache_dir: Path, repository: Path, dataset: Path, *, console: C
 
     The export is redone only when `repository`'s manifest names another checkpoint. Needs torch/open_clip.
     """
-    from export.demo import MODEL_NAME  # noqa: PLC0415
-    from export.demo.data import write_dataset  # noqa: PLC0415
-    from export.demo.train import ensure_checkpoint  # noqa: PLC0415
-    from export.onnx_export import export_repository  # noqa: PLC0415
+    from export.demo.cache import ensure_checkpoint  # noqa: PLC0415 - torch: training
+    from export.onnx_export import export_repository  # noqa: PLC0415 - torch: exporting
 
     say = console.print if console else print
     t0 = time.perf_counter()
@@ -74,7 +81,6 @@ def prepare_demo(cache_dir: Path, repository: Path, dataset: Path, *, console: C
 
 def demo_queries() -> list[tuple[str, int, str]]:
     """(language, digit, text) for the demo's text queries: evaluation phrasings, never used in training."""
-    from export.demo.captions import EVALUATION_TEMPLATES  # noqa: PLC0415
 
     en = [t for t in EVALUATION_TEMPLATES if t.language == "en"][:2]
     zh = [t for t in EVALUATION_TEMPLATES if t.language == "zh"][:2]
@@ -94,7 +100,6 @@ def _gemini_for_demo(out: Path, console: Console) -> Iterator[dict[str, str]]:
         console.print("generation: real Gemini API (VITRINE_GENERATION__API_KEY is set)")
         yield {}
         return
-    from tools.processes import Child, free_port  # noqa: PLC0415
 
     port = free_port()
     fake = Path(__file__).resolve().parents[1] / "tests" / "fake_gemini.py"
@@ -114,7 +119,6 @@ def _gemini_for_demo(out: Path, console: Console) -> Iterator[dict[str, str]]:
 
 def _demo_generation(client, out: Path, console: Console) -> dict:  # noqa: ANN001
     """One GenerateImages call: two references found by a Chinese query, the result saved as PNG."""
-    from vitrine.v1 import retrieval_service_pb2 as pb  # noqa: PLC0415
 
     req = pb.GenerateImagesRequest(prompt="Turn this handwritten seven into a glowing neon sign on a brick wall",
                                    reference_count=2,
@@ -144,9 +148,7 @@ def _demo_generation(client, out: Path, console: Console) -> dict:  # noqa: ANN0
 
 def example_query_image(index: int = 0):  # noqa: ANN201
     """A digit from the train split (so not in the ingested held-out set) as PNG bytes: (DemoItem, bytes)."""
-    import io  # noqa: PLC0415
 
-    from export.demo.data import load_split, render_item  # noqa: PLC0415
 
     item = load_split("train")[index]
     buf = io.BytesIO()
@@ -161,10 +163,6 @@ def precision_at_k(labels: list[int], wanted: int, k: int = TOP_K) -> float:
 
 def run_demo(*, out: Path, cache_dir: Path, console: Console) -> dict:
     """Run the demo (see module docstring); returns the numbers it printed and writes them to out/summary.json."""
-    from vitrine.client import VitrineClient  # noqa: PLC0415
-    from tools.ingest_folder import ingest_folder  # noqa: PLC0415
-    from tools.processes import Ports, local_stack  # noqa: PLC0415
-    from tools.results import metadata_dict, print_results, results_contact_sheet  # noqa: PLC0415
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def write_template(base_dir: Path) -> Path:
     on the machine dies with "listen tcp 127.0.0.1:2380: bind: address already in use". Milvus reads an etcd
     config file from `etcd.config.path` (pkg/util/etcd/etcd_server.go), which we add.
     """
-    import milvus  # noqa: PLC0415 - optional heavy dependency
+    import milvus  # noqa: PLC0415 - milvus: a [dev] extra (server binaries), not in the serving image
 
     template = (Path(milvus.__file__).parent / "data" / "config.yaml.template").read_text()
     anchor = "  use:\n    embed: true"
@@ -73,7 +73,7 @@ def write_etcd_config(base_dir: Path, *, client_port: int, peer_port: int) -> Pa
 
 def prepare_bin_cache(bin_cache: Path) -> Path:
     """Decompress the package's binaries into `bin_cache/bin` once (file-locked across processes)."""
-    import milvus  # noqa: PLC0415
+    import milvus  # noqa: PLC0415 - milvus: a [dev] extra, not in the serving image
 
     bin_cache.mkdir(parents=True, exist_ok=True)
     with open(bin_cache / ".lock", "w") as lock:
@@ -115,8 +115,8 @@ def start_milvus_server_process(
         RuntimeError: the server did not start in 3 tries (ports taken meanwhile, or see
             `<base_dir>/logs/milvus-stderr.log`).
     """
-    import milvus  # noqa: PLC0415
-    from milvus import MilvusServer, MilvusServerConfig  # noqa: PLC0415
+    import milvus  # noqa: PLC0415 - milvus: a [dev] extra, not in the serving image
+    from milvus import MilvusServer, MilvusServerConfig  # noqa: PLC0415 - the same
 
     base_dir = Path(base_dir).resolve()
     base_dir.mkdir(parents=True, exist_ok=True)

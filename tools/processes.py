@@ -13,10 +13,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
+
+import tritonclient.grpc as triton_grpc
+
+from vitrine.client import VitrineClient
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +121,6 @@ def local_stack(repository: Path, *, ports: Ports, milvus_uri: str, blob_dir: Pa
 
     `service_env` adds environment variables (e.g. VITRINE_GENERATION__BASE_URL) to the retrieval service.
     """
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-
-    from vitrine.client import VitrineClient  # noqa: PLC0415
-
     stack = LocalStack(ports)
     try:
         enc = spawn("encoder", ["serve-encoder", "--repository", str(repository),
@@ -148,7 +148,7 @@ def local_stack(repository: Path, *, ports: Ports, milvus_uri: str, blob_dir: Pa
         stack.stop()
 
 
-def _serving(client) -> bool:  # noqa: ANN001
+def _serving(client: VitrineClient) -> bool:
     try:
         client.wait_serving(timeout_s=0.5)
         return True

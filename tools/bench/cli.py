@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from export import ExportError
+
+# Each command imports its benchmark module when it runs: `import tools.cli` (every `vitrine` command, and the
+# spawned `bench scale` workers) loads this module, and the benchmark modules load numpy, tritonclient, pymilvus
+# and onnxruntime (0.3-2 s; onnxruntime is the [serve]/[gpu] extra).
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks and load tests; results as JSON/CSV/PNG.")
 
@@ -68,15 +76,13 @@ def encoder(
     quick: Quick = False,
 ) -> None:
     """Load-test a tower on Triton (KServe v2 gRPC), batching on/off vs raw ONNX Runtime; JSON/CSV/PNG."""
-    import logging  # noqa: PLC0415
-
-    from tools.bench.encoder import (  # noqa: PLC0415
+    from tools.bench.encoder import (  # noqa: PLC0415 - tritonclient, onnxruntime: see the top
         QUICK,
         EncoderBenchConfig,
         EncoderBenchError,
         run_encoder_bench,
     )
-    from tools.bench.models import ensure_bench_repository  # noqa: PLC0415
+    from tools.bench.models import ensure_bench_repository  # noqa: PLC0415 - tritonclient
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -123,10 +129,7 @@ def quantization(
     quick: Quick = False,
 ) -> None:
     """fp32 vs int8 towers in ONNX Runtime: image-tower images/s, file size, demo precision@10 / recall@10."""
-    import logging  # noqa: PLC0415
-
-    from export import ExportError  # noqa: PLC0415
-    from tools.bench.quantization import run_quantization_bench  # noqa: PLC0415
+    from tools.bench.quantization import run_quantization_bench  # noqa: PLC0415 - onnxruntime, tritonclient
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _tool_errors("quantization", (ExportError,)):
@@ -152,7 +155,7 @@ def _bench_repository(repository: Optional[Path], model: Optional[str], cache_di
     if repository is not None and model is not None:
         raise typer.BadParameter("give --repository or --model, not both")
     if model is not None:
-        from tools.bench.models import ensure_bench_repository  # noqa: PLC0415
+        from tools.bench.models import ensure_bench_repository  # noqa: PLC0415 - tritonclient
 
         return ensure_bench_repository(cache_dir, model)
     return repository
@@ -183,7 +186,7 @@ def search(
     quick: Quick = False,
 ) -> None:
     """End-to-end SearchImages over gRPC: text/image queries x filter off/on x concurrency; QPS, p50/p90/p99."""
-    from tools.bench.search import run_search_bench  # noqa: PLC0415
+    from tools.bench.search import run_search_bench  # noqa: PLC0415 - tritonclient, pymilvus
 
     try:
         clients = tuple(int(x) for x in concurrency.split(",") if x.strip())
@@ -224,7 +227,7 @@ def ingest(
     quick: Quick = False,
 ) -> None:
     """Streaming IngestImages (images/s) vs the seeds' per-image loop and the encoder alone; JSON/CSV/PNG."""
-    from tools.bench.ingest import run_ingest_bench  # noqa: PLC0415
+    from tools.bench.ingest import run_ingest_bench  # noqa: PLC0415 - tritonclient, pymilvus
 
     with _tool_errors("ingest"):
         result = run_ingest_bench(
@@ -263,9 +266,7 @@ def scale(
 ) -> None:
     """Milvus Lite vs server, FLAT/IVF_FLAT/HNSW at 10k->1M synthetic vectors: insert/build time, search
     p50/p99, recall@10 vs exact search, RSS; JSON/CSV/PNG."""
-    import dataclasses  # noqa: PLC0415
-
-    from tools.bench.scale import QUICK, ScaleConfig, parse_sizes, run_scale  # noqa: PLC0415
+    from tools.bench.scale import QUICK, ScaleConfig, parse_sizes, run_scale  # noqa: PLC0415 - pymilvus
 
     base = QUICK if quick else ScaleConfig()
     try:
@@ -294,7 +295,7 @@ def docs(
     page: Annotated[Path, typer.Option(help="the Markdown page to regenerate")] = Path("docs/benchmarks.md"),
 ) -> None:
     """Regenerate docs/benchmarks.md (tables, targets, plots, machine) from the results in --out."""
-    from tools.bench.docs import write_docs  # noqa: PLC0415
+    from tools.bench.docs import write_docs  # noqa: PLC0415 - numpy
 
     try:
         written = write_docs(out, page)

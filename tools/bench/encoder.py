@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
 
+from encoder_server.repository import numpy_dtype
+from encoder_server.runtime import create_session, runtime_options_from_config
 from tools.bench.models import (
     BATCHING_ON_OFF,
     Variant,
@@ -44,6 +50,10 @@ from tools.bench.models import (
     tower_model_dir,
 )
 from tools.bench.report import BenchResult, Target, percentiles, write_result
+from tools.processes import Ports, spawn
+from vitrine.manifest import Manifest
+from vitrine.tokenizer import TextTokenizer
+from vitrine.triton_config import read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +226,6 @@ def make_tower_input(repository: Path, tower: str, items: int, seed: int = 0) ->
     Text rows are real captions through the repository's tokenizer.json (`vitrine.tokenizer`), so
     the token count is realistic. Raises FileNotFoundError/ValueError on a repository without that tower.
     """
-    from vitrine.triton_config import read_model_config  # noqa: PLC0415
-    from encoder_server.server import numpy_dtype  # noqa: PLC0415
-
     config = read_model_config(tower_model_dir(repository, tower))
     spec = config.input[0]
     dtype = numpy_dtype(spec.data_type)
@@ -226,8 +233,6 @@ def make_tower_input(repository: Path, tower: str, items: int, seed: int = 0) ->
         rng = np.random.default_rng(seed)
         rows = rng.integers(0, 256, size=(items, *spec.dims), dtype=np.uint8).astype(dtype)
     else:
-        from vitrine.tokenizer import TextTokenizer  # noqa: PLC0415
-
         captions = ["red silk cape with gold trim", "a handwritten digit seven", "手写数字七",
                     "a photo of a cat sitting on a wooden table next to a cup of coffee"]
         tokenizer = TextTokenizer.from_repository(repository)
@@ -251,16 +256,14 @@ async def _drive(client: Any, model: str, tower_input: TowerInput, concurrency: 
                  duration_s: float | None, requests: int | None) -> LoadRun:
     """Run `concurrency` closed-loop clients until `duration_s` passed (no new request after) or `requests`
     were sent; latencies in ms."""
-    from tritonclient.grpc import InferInput  # noqa: PLC0415
-    from tritonclient.utils import InferenceServerException  # noqa: PLC0415
-
     latencies: list[float] = []
     remaining = [requests if requests is not None else -1]
     start = time.perf_counter()
     deadline = start + duration_s if requests is None and duration_s is not None else None
 
     async def worker() -> None:
-        infer_input = InferInput(tower_input.name, list(tower_input.rows.shape), tower_input.datatype)
+        infer_input = triton_grpc.InferInput(tower_input.name, list(tower_input.rows.shape),
+                                             tower_input.datatype)
         infer_input.set_data_from_numpy(tower_input.rows)
         while True:
             if deadline is not None and time.perf_counter() >= deadline:
@@ -282,8 +285,6 @@ async def _drive(client: Any, model: str, tower_input: TowerInput, concurrency: 
 
 
 async def _statistics(client: Any, model: str) -> TritonStats:
-    from tritonclient.utils import InferenceServerException  # noqa: PLC0415
-
     try:
         return TritonStats.from_proto(await client.get_inference_statistics(model))
     except InferenceServerException as exc:
@@ -359,8 +360,6 @@ def ort_baseline(model_path: Path, config: Any, tower_input: TowerInput, batch_s
         One dict per batch size: {"batch_size", "runs", "throughput_items_s", "cpu_ms_per_item" (this
         process's CPU ms per row), "p50_ms", "p99_ms", ...} (latency of one `session.run`, ms).
     """
-    from encoder_server.runtime import create_session, runtime_options_from_config  # noqa: PLC0415
-
     options = runtime_options_from_config(config, intra_op_threads=ort_threads)
     instances = sum(max(g.count, 1) for g in config.instance_group) or 1
     sessions = [create_session(model_path, options) for _ in range(instances)]
@@ -405,11 +404,6 @@ def _encoder_server(repository: Path, models: Sequence[str], log_dir: Path,
     """`vitrine serve-encoder --repository REPO` as a child on free loopback ports; yields (gRPC host:port,
     its process id) once the server and every one of `models` report ready (PyTriton loads the models after
     tritonserver itself is up, so server readiness alone is not enough)."""
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-    from tritonclient.utils import InferenceServerException  # noqa: PLC0415
-
-    from tools.processes import Ports, spawn  # noqa: PLC0415
-
     ports = Ports.free()
     child = spawn("encoder_bench_server", ["serve-encoder", "--repository", str(repository),
                                            "--http-port", str(ports.encoder_http),
@@ -441,8 +435,6 @@ def _encoder_server(repository: Path, models: Sequence[str], log_dir: Path,
 def process_tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process `pid` and its live descendants (the encoder server, tritonserver,
     its Python backend stubs). Raises psutil.NoSuchProcess when `pid` is gone."""
-    import psutil  # noqa: PLC0415
-
     root = psutil.Process(pid)
     total = 0.0
     for proc in (root, *root.children(recursive=True)):
@@ -455,9 +447,7 @@ def process_tree_cpu_seconds(pid: int) -> float:
 async def _sweep(url: str, points: Sequence[tuple[str, str, int, int]], tower_input: TowerInput,
                  cfg: EncoderBenchConfig, server_pid: int | None = None) -> list[dict[str, Any]]:
     """Measure every (mode, model, concurrency, round) point in order against `url`."""
-    from tritonclient.grpc.aio import InferenceServerClient  # noqa: PLC0415
-
-    client = InferenceServerClient(url)
+    client = triton_aio.InferenceServerClient(url)
     rows = []
     try:
         for mode, model, concurrency, round_ in points:
@@ -480,9 +470,7 @@ async def _sweep(url: str, points: Sequence[tuple[str, str, int, int]], tower_in
 
 
 async def _served_models(url: str) -> set[str]:
-    from tritonclient.grpc.aio import InferenceServerClient  # noqa: PLC0415
-
-    client = InferenceServerClient(url)
+    client = triton_aio.InferenceServerClient(url)
     try:
         index = await client.get_model_repository_index()
         return {m.name for m in index.models}
@@ -513,9 +501,6 @@ def run_encoder_bench(cfg: EncoderBenchConfig) -> BenchResult:
         EncoderBenchError: the server did not start, a model is missing at `--url`, or a request failed.
         FileNotFoundError: the repository or its tower is missing.
     """
-    from vitrine.triton_config import read_model_config  # noqa: PLC0415
-    from vitrine.manifest import Manifest  # noqa: PLC0415
-
     cfg.validate()
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -707,10 +692,10 @@ def tuning_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _plot(rows: list[dict[str, Any]], raw: float, out: Path, title: str) -> str:
     """Throughput and p99 latency vs concurrency (batching on, off, raw ORT line); returns the PNG name."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - matplotlib: a [dev] extra, not in the serving image
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode, style in (("batching", "o-"), ("nobatch", "s--")):

@@ -21,6 +21,7 @@ wall time) and the executed batch sizes, which says what bounds the stream when 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_aio
 
+from retrieval_service.adapters.milvus import IndexSettings, Row, VectorStore
+from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch
 from tools.bench.report import BenchResult, Target, write_result
-from tools.bench.stack import BenchImage, BenchStack, bench_stack, load_images, resolve_model, salted, stream_ingest
+from tools.bench.stack import (
+    BenchImage,
+    BenchStack,
+    bench_stack,
+    drop_run_rows,
+    load_images,
+    resolve_model,
+    salted,
+    stream_ingest,
+)
 
 QUICK_IMAGES = 200
 #: Images timed one per request for the encoder's batch-1 throughput (the per-image baseline's ceiling).
@@ -41,8 +55,6 @@ FULL_IMAGES = 1000
 
 def preprocessor(stack: BenchStack) -> Callable[[Sequence[bytes]], list[Any]]:
     """The service's preprocessing for this model: list of encoded images -> list of uint8 [H, W, 3] (or errors)."""
-    from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch  # noqa: PLC0415
-
     return partial(preprocess_batch, spec=stack.manifest.image, limits=ImageLimits())
 
 
@@ -65,8 +77,6 @@ def _infer_input(stack: BenchStack, batch: np.ndarray, module: Any) -> Any:
 def encoder_throughput(stack: BenchStack, pixels: np.ndarray, batch_size: int, concurrency: int) -> float:
     """Images/s of the image tower on `pixels` (uint8 [N, H, W, 3]) sent in batches of `batch_size`, with
     `concurrency` batches in flight (tritonclient grpc.aio, one channel). Raises InferenceServerException."""
-    import tritonclient.grpc.aio as triton_aio  # noqa: PLC0415
-
     tower = stack.manifest.image
     batches = [pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size)]
 
@@ -92,8 +102,6 @@ def encoder_throughput(stack: BenchStack, pixels: np.ndarray, batch_size: int, c
 
 def warm_up_encoder(stack: BenchStack, pixels: np.ndarray, batch_size: int) -> None:
     """A few untimed calls at batch 1 and `batch_size` (ORT allocations, Triton and gRPC connections)."""
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-
     tower = stack.manifest.image
     client = triton_grpc.InferenceServerClient(stack.encoder_url)
     try:
@@ -109,10 +117,6 @@ def baseline_ingest(stack: BenchStack, images: Sequence[BenchImage], milvus_uri:
     The collection `bench_baseline_<run_id>` is created fresh in `milvus_uri` and dropped afterwards.
     Raises DependencyUnavailableError (Milvus) / InferenceServerException (Triton).
     """
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-
-    from retrieval_service.adapters.milvus.store import IndexSettings, Row, VectorStore  # noqa: PLC0415
-
     tower = stack.manifest.image
     preprocess = preprocessor(stack)
     store = VectorStore(milvus_uri, f"bench_baseline_{stack.run_id}", stack.manifest.embedding_dim,
@@ -120,8 +124,6 @@ def baseline_ingest(stack: BenchStack, images: Sequence[BenchImage], milvus_uri:
     store.open()
     client = triton_grpc.InferenceServerClient(stack.encoder_url)
     try:
-        import hashlib  # noqa: PLC0415
-
         start = time.perf_counter()
         for img in images:
             (px,) = preprocess([img.content])
@@ -146,8 +148,6 @@ def _image_stats(stack: BenchStack) -> dict[str, float]:
     Compute time is summed over `batch_stats` (once per execution); `inference_stats` would count a merged
     execution once per request in it.
     """
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-
     client = triton_grpc.InferenceServerClient(stack.encoder_url)
     try:
         stats = client.get_inference_statistics(stack.manifest.image.triton_model).model_stats[0]
@@ -167,10 +167,10 @@ def _safe_stats(stack: BenchStack) -> dict[str, float] | None:
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Bar chart of images/s per mode (median over repeats) as PNG at `path`."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - matplotlib: a [dev] extra, not in the serving image
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
     labels: list[str] = []
     values: list[float] = []
@@ -279,8 +279,6 @@ def run_ingest_bench(*, repository: Path | None = None, images_dir: Path | None 
                              "mean_exec_batch": 1.0})
                 log(f"  baseline: {count / seconds:.1f} images/s ({seconds:.2f} s, {stored} rows)")
         if not stack.local:
-            from tools.bench.stack import drop_run_rows  # noqa: PLC0415
-
             notes.append(f"ran against {stack.target}; deleted its {drop_run_rows(stack.target, stack.run_id)} "
                          "bench rows afterwards")
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vitrine.manifest import MANIFEST_FILE, Manifest
+from vitrine.triton_config import check_batching, read_model_config, write_model_config
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def ensure_bench_repository(cache_dir: Path, model: str = DEFAULT_BENCH_MODEL) -
     repository = Path(cache_dir) / "bench" / model / "model_repository"
     if (repository / MANIFEST_FILE).is_file():
         return repository
-    from export.onnx_export import export_repository  # noqa: PLC0415 - torch only when exporting
+    from export.onnx_export import export_repository  # noqa: PLC0415 - torch, open_clip: only when exporting
 
     log.info("exporting %s with random weights to %s (once)", model, repository)
     export_repository(model, repository, pretrained="random", overwrite=True)
@@ -150,8 +151,6 @@ def batching_variants(repository: Path, out_dir: Path, variants: Sequence[Varian
             batch size above max_batch_size; `vitrine.triton_config.check_batching`).
         FileNotFoundError: the repository lacks a manifest, a tower folder or its ONNX file.
     """
-    from vitrine.triton_config import check_batching, read_model_config, write_model_config  # noqa: PLC0415
-
     suffixes = [v.suffix for v in variants]
     if len(set(suffixes)) != len(suffixes) or not all(s and s.replace("_", "").isalnum() for s in suffixes):
         raise ValueError(f"variant suffixes must be unique, non-empty [A-Za-z0-9_]: {suffixes}")

@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from retrieval_service.usecases.preprocess import to_model_input
+from tools.bench.models import ensure_bench_repository, tower_model_dir
 from tools.bench.report import BenchResult, Target, write_result
+from tools.demo import prepare_demo
+from vitrine.manifest import Manifest
+from vitrine.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ def _cpu_session(path: Path, threads: int) -> ort.InferenceSession:
 
 def _quantized_copy(source: Path, target: Path) -> Path:
     """`target`, (re)made from `source` with `export.quantize.INT8` unless it is newer than `source`."""
-    from export.quantize import INT8, quantize_onnx  # noqa: PLC0415
+    from export.quantize import INT8, quantize_onnx  # noqa: PLC0415 - onnx: an [export] extra
 
     if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
         quantize_onnx(source, target, INT8)
@@ -62,8 +67,6 @@ def int8_cache_dir(cache_dir: Path, manifest: Any) -> Path:
 
 
 def _tower_file(repository: Path, tower: str) -> Path:
-    from tools.bench.models import tower_model_dir  # noqa: PLC0415
-
     return tower_model_dir(repository, tower) / "1" / "model.onnx"
 
 
@@ -130,10 +133,7 @@ def demo_retrieval(repository: Path, cache_dir: Path, threads: int) -> dict[str,
     Raises:
         ValueError: the repository's model has no held-out set.
     """
-    from export.parity import heldout_set, retrieval_parity  # noqa: PLC0415
-    from retrieval_service.usecases.preprocess import to_model_input  # noqa: PLC0415
-    from vitrine.tokenizer import TextTokenizer  # noqa: PLC0415
-    from vitrine.manifest import Manifest  # noqa: PLC0415
+    from export.parity import heldout_set, retrieval_parity  # noqa: PLC0415 - torch, torchvision
 
     manifest = Manifest.read(repository)
     heldout = heldout_set(manifest.model_name)
@@ -155,10 +155,10 @@ def demo_retrieval(repository: Path, cache_dir: Path, threads: int) -> dict[str,
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, model: str) -> Path:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - matplotlib: a [dev] extra, not in the serving image
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
     speed = [r for r in rows if r["part"] == "throughput"]
     demo = [r for r in rows if r["part"] == "demo_retrieval"]
@@ -221,9 +221,6 @@ def run_quantization_bench(
     if batch_size < 1 or threads < 1 or repeats < 1:
         raise ValueError(
             f"batch_size, threads and repeats must be >= 1, got {batch_size}, {threads}, {repeats}")
-    from tools.bench.models import ensure_bench_repository  # noqa: PLC0415
-    from vitrine.manifest import Manifest  # noqa: PLC0415
-
     cache_dir = Path(cache_dir)
     repository = Path(repository) if repository else ensure_bench_repository(cache_dir, model)
     manifest = Manifest.read(repository)
@@ -239,8 +236,6 @@ def run_quantization_bench(
     speed = measure_throughput(files, manifest.image.input_name, batch, threads, repeats)
 
     if demo_repository is None:
-        from tools.demo import prepare_demo  # noqa: PLC0415
-
         demo_repository = prepare_demo(cache_dir, cache_dir / "demo" / "model_repository",
                                        cache_dir / "demo" / "dataset").repository
     demo = demo_retrieval(Path(demo_repository), cache_dir, threads)
@@ -267,7 +262,7 @@ def run_quantization_bench(
                      "recall_at_10_vs_fp32": round(parity.recall_at_k, 4) if int8 else 1.0,
                      "precision_at_10_loss": round(parity.precision_loss, 4) if int8 else 0.0})
 
-    from export.quantize import INT8  # noqa: PLC0415
+    from export.quantize import INT8  # noqa: PLC0415 - onnx: an [export] extra
 
     speedup = speed["int8"]["images_per_s"] / speed["fp32"]["images_per_s"]
     result = BenchResult(

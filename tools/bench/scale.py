@@ -51,8 +51,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
+from pymilvus import MilvusClient
 
+from retrieval_service.adapters.milvus import IndexSettings, Row, VectorStore
 from tools.bench.report import BenchResult, Target, percentiles, write_result
+from tools.milvus_server import DEFAULT_BIN_CACHE, start_milvus_server_process
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +233,8 @@ class ScaleConfig:
         self.index_settings("HNSW")
         self.index_settings("IVF_FLAT")
 
-    def index_settings(self, index_type: str, **search: int) -> Any:
+    def index_settings(self, index_type: str, **search: int) -> IndexSettings:
         """The service's `IndexSettings` for `index_type`, with search parameters overridden by `search`."""
-        from retrieval_service.adapters.milvus.store import IndexSettings  # noqa: PLC0415
-
         params = {"nlist": self.nlist, "nprobe": self.nprobe, "M": self.M,
                   "efConstruction": self.efConstruction, "ef": self.ef, **search}
         return IndexSettings(index_type=index_type, **params)
@@ -283,8 +285,6 @@ class _RssSampler:
 
 def rss_bytes(pid: int) -> int:
     """Resident set size (bytes) of process `pid` plus all its descendants (psutil); 0 if it is gone."""
-    import psutil  # noqa: PLC0415
-
     try:
         proc = psutil.Process(pid)
         procs = [proc, *proc.children(recursive=True)]
@@ -308,6 +308,7 @@ def _drain_lite_background(uri: str, collection: str) -> bool:
     and reloads.
     """
     try:
+        # Kept local: a private milvus-lite 3.2 module, probed per call (ImportError -> False, as documented).
         from milvus_lite.server_manager import server_manager_instance  # noqa: PLC0415
 
         servers = server_manager_instance._servers  # noqa: SLF001
@@ -351,10 +352,6 @@ def _search_all(store: Any, queries: np.ndarray, truth: np.ndarray, index_to_row
 
 def _run_case(case: _Case) -> list[dict[str, Any]]:
     """Measure one (backend, size, index) in this process; return its rows (default point, then sweeps)."""
-    from pymilvus import MilvusClient  # noqa: PLC0415
-
-    from retrieval_service.adapters.milvus.store import Row, VectorStore  # noqa: PLC0415
-
     cfg = case.config
     vectors = np.load(case.vectors_path, mmap_mode="r")
     queries = np.load(case.queries_path)
@@ -466,8 +463,6 @@ def run_scale(
         RuntimeError: a server did not start, or a collection lost rows.
         TimeoutError: an index was not built within CALL_TIMEOUT_S.
     """
-    from tools.milvus_server import DEFAULT_BIN_CACHE, start_milvus_server_process  # noqa: PLC0415
-
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="vitrine-scale-")) if work_dir is None else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -594,10 +589,10 @@ def _notes(config: ScaleConfig) -> list[str]:
 def plot_scale(rows: list[dict[str, Any]], path: Path) -> Path:
     """Three panels into `path` (PNG): search p50 vs n, build time vs n, recall@10 vs p50 over the sweeps
     (largest n per backend/index). Returns `path`."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - matplotlib: a [dev] extra, not in the serving image
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     defaults = [r for r in rows if r["point"] == "default"]

@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+import tritonclient.grpc as triton_grpc
 
+from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch
 from tools.bench.report import BenchResult, Target, percentiles, write_result
 from tools.bench.stack import (
     BenchImage,
@@ -39,6 +42,11 @@ from tools.bench.stack import (
     resolve_model,
     stream_ingest,
 )
+from tools.results import metadata_dict
+from vitrine.client import VitrineClient
+from vitrine.tokenizer import TextTokenizer
+from vitrine.v1 import retrieval_service_pb2 as pb
+from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
 
 TOP_K = 10
 FILTER = 'metadata["bench_shard"] == 3'
@@ -88,9 +96,7 @@ class PointResult:
                 "server_search_ms": float(np.mean(self.search_ms)) if self.search_ms else float("nan")}
 
 
-def _request(kind: str, i: int, images: Sequence[BenchImage], filtered: bool) -> Any:
-    from vitrine.v1 import retrieval_service_pb2 as pb  # noqa: PLC0415
-
+def _request(kind: str, i: int, images: Sequence[BenchImage], filtered: bool) -> pb.SearchImagesRequest:
     req = pb.SearchImagesRequest(top_k=TOP_K, filter=FILTER if filtered else "")
     if kind == "text":
         req.text = TEXT_QUERIES[i % len(TEXT_QUERIES)]
@@ -110,10 +116,6 @@ async def measure_point(target: str, kind: str, filtered: bool, concurrency: int
     Recorded: calls that end inside the window; QPS = recorded / window length. Failed calls in the window are
     counted in `errors` (never raised).
     """
-    import grpc  # noqa: PLC0415
-
-    from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc  # noqa: PLC0415
-
     point = PointResult(kind, filtered, concurrency, [], duration_s)
     requests = [_request(kind, i, images, filtered) for i in range(max(len(TEXT_QUERIES), min(len(images), 256)))]
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -171,9 +173,6 @@ def check_results(target: str, images: Sequence[BenchImage]) -> list[str]:
     Checks: top_k results each, filtered results all carry bench_shard == FILTER_SHARD, and an ingested image
     finds itself first (score ~1).
     """
-    from vitrine.client import VitrineClient  # noqa: PLC0415
-    from tools.results import metadata_dict  # noqa: PLC0415
-
     problems = []
     with VitrineClient(target) as client:
         want = min(TOP_K, len(images))
@@ -196,10 +195,6 @@ def text_encode_ms(stack: BenchStack, repeats: int) -> list[float]:
 
     5 untimed calls first. Raises InferenceServerException when Triton fails.
     """
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-
-    from vitrine.tokenizer import TextTokenizer  # noqa: PLC0415
-
     tower = stack.manifest.text
     ids = TextTokenizer.from_repository(stack.repository, stack.manifest).encode_batch([TEXT_QUERIES[0]])
     client = triton_grpc.InferenceServerClient(stack.encoder_url)
@@ -223,11 +218,6 @@ def paired_text_ms(stack: BenchStack, repeats: int, filtered: bool) -> tuple[lis
     Returns (encode latencies ms, search latencies ms), `repeats` each, measured interleaved so that both see
     the same load on shared cores (what the p50 target compares). 3 untimed pairs first.
     """
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-
-    from vitrine.tokenizer import TextTokenizer  # noqa: PLC0415
-    from vitrine.client import VitrineClient  # noqa: PLC0415
-
     tower = stack.manifest.text
     tokenizer = TextTokenizer.from_repository(stack.repository, stack.manifest)
     client = triton_grpc.InferenceServerClient(stack.encoder_url)
@@ -255,10 +245,6 @@ def paired_text_ms(stack: BenchStack, repeats: int, filtered: bool) -> tuple[lis
 
 def image_encode_ms(stack: BenchStack, image: BenchImage, repeats: int) -> list[float]:
     """Latency (ms) of decode + preprocess + the image tower alone (batch 1, sequential), 3 untimed calls first."""
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-
-    from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch  # noqa: PLC0415
-
     tower = stack.manifest.image
     client = triton_grpc.InferenceServerClient(stack.encoder_url)
     try:
@@ -278,10 +264,10 @@ def image_encode_ms(stack: BenchStack, image: BenchImage, repeats: int) -> list[
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """QPS (left) and p50 / p99 latency (right) vs concurrency, one line per (query, filter); PNG at `path`."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - matplotlib: a [dev] extra, not in the serving image
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
     fig, (ax_qps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from export.demo.data import write_dataset
+from retrieval_service.settings import Settings
+from tools.demo import prepare_demo
+from tools.processes import Ports, local_stack
+from vitrine.client import VitrineClient, image_files
 from vitrine.manifest import Manifest
+from vitrine.v1 import retrieval_service_pb2 as pb
+from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
 
 #: `metadata["bench_shard"]` takes values 0..SHARDS-1, so a filter on one value keeps ~1/SHARDS of the rows.
 SHARDS = 10
@@ -86,16 +95,12 @@ def resolve_model(repository: Path | None, images: Path | None, cache_dir: Path)
         FileNotFoundError: `repository` has no manifest.json, or `images` is not a folder.
     """
     if repository is None:
-        from tools.demo import prepare_demo  # noqa: PLC0415 - imports torch
-
         prepared = prepare_demo(cache_dir, cache_dir / DEMO_REPOSITORY, cache_dir / DEMO_DATASET)
         repository = prepared.repository
         images = images or prepared.dataset
     if not (repository / "manifest.json").is_file():
         raise FileNotFoundError(f"{repository} is not a model repository (no manifest.json)")
     if images is None:
-        from export.demo.data import write_dataset  # noqa: PLC0415
-
         images = cache_dir / DEMO_DATASET
         write_dataset(images, split="heldout")
     if not images.is_dir():
@@ -112,8 +117,6 @@ def load_images(folder: Path, limit: int | None = None, *, salt: str = "") -> li
     Raises:
         FileNotFoundError: `folder` is missing; ValueError: it holds no images.
     """
-    from vitrine.client import image_files  # noqa: PLC0415
-
     files = image_files(folder)[:limit] if limit else image_files(folder)
     if not files:
         raise ValueError(f"no images (png, jpg, webp, ...) under {folder}")
@@ -152,8 +155,6 @@ def bench_stack(repository: Path, *, target: str | None = None, encoder_url: str
         ValueError: `target` without `encoder_url`.
         RuntimeError / TimeoutError: a server did not start (its log tail is in the message).
     """
-    from retrieval_service.settings import Settings  # noqa: PLC0415
-
     manifest = Manifest.read(repository)
     # Benchmarks queue whole batches behind a busy encoder on shared cores: give each encoder call more than the
     # default 30 s before the service calls the encoder unavailable (a REJECTED item would end the run).
@@ -176,8 +177,6 @@ def bench_stack(repository: Path, *, target: str | None = None, encoder_url: str
             yield BenchStack(target, encoder_url, repository, manifest, tmp_path, local=False,
                              ingest_batch_size=batch, ingest_max_inflight_batches=inflight)
             return
-        from tools.processes import Ports, local_stack  # noqa: PLC0415
-
         ports = Ports.free()
         with local_stack(repository, ports=ports, milvus_uri=str(tmp_path / "service.db"),
                          blob_dir=tmp_path / "blobs", log_dir=tmp_path / "logs", service_env=env) as stack:
@@ -207,11 +206,6 @@ async def stream_ingest_async(target: str, images: Sequence[BenchImage], *, time
     Raises:
         grpc.aio.AioRpcError: the stream failed (service unreachable, deadline after `timeout_s` s).
     """
-    import grpc  # noqa: PLC0415
-
-    from vitrine.v1 import retrieval_service_pb2 as pb  # noqa: PLC0415
-    from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc  # noqa: PLC0415
-
     requests = []
     for i, img in enumerate(images):
         req = pb.IngestImagesRequest(index=i, content=img.content, filename=img.filename)
@@ -238,7 +232,5 @@ def stream_ingest(target: str, images: Sequence[BenchImage], *, timeout_s: float
 
 def drop_run_rows(target: str, run_id: str) -> int:
     """Delete the rows this run inserted into a running stack (`metadata["bench_run"] == run_id`); return count."""
-    from vitrine.client import VitrineClient  # noqa: PLC0415
-
     with VitrineClient(target) as client:
         return client.delete(filter=f'metadata["bench_run"] == "{run_id}"')
