@@ -1,10 +1,15 @@
-"""Vitrine: multimodal retrieval and retrieval-augmented image generation as a service.
+"""Vitrine's shared contract: what every part (export, encoder_server, retrieval_service, tools, clients) agrees on.
+It imports nothing else of the project.
 
-Packages:
-    export/            open_clip towers -> ONNX -> Triton model repository (needs torch)
-    encoder_server/    Triton (PyTriton) serving that repository over KServe v2
-    retrieval_service/ gRPC API (vitrine.v1) over the encoder and Milvus
-    vitrine/           the shared repository contract (manifest), the generated API stubs, the CLI
+    manifest.py       the model repository's manifest.json (towers, sizes, tokenizer, model id)
+    triton_config.py  config.pbtxt writer / reader (tritonclient ModelConfig messages)
+    tokenizer.py      text -> token ids exactly as the exported text tower expects (HF tokenizers, no torch)
+    image_ids.py      image ids: the sha256 of the encoded bytes
+    client.py         VitrineClient, the Python client of the gRPC API
+    v1/               the generated vitrine.v1 protobuf / gRPC stubs (`make proto`)
+
+Packages above it: export/ (open_clip -> ONNX -> model repository), encoder_server/ (Triton over that repository),
+retrieval_service/ (the gRPC service), tools/ (the `vitrine` CLI, benchmarks, demo).
 """
 
 __version__ = "0.1.0"
