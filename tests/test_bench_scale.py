@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from tools.bench.cli import bench_app
 from tools.bench.report import read_result
-from tools.bench.scale import Mixture, ScaleConfig, exact_top_k, parse_sizes, recall_at_k, run_scale
+from tools.bench.scale import ScaleConfig, parse_sizes, run_scale
+from tools.bench.scale_data import Mixture, exact_top_k, recall_at_k
 
 TINY = dict(sizes=(2000,), dim=32, queries=40, sweep_queries=40, nprobe_sweep=(1, 4, 16, 64),
             ef_sweep=(10, 64))

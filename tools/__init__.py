@@ -2,7 +2,8 @@
 
     cli.py            the `vitrine` command (export, train-demo, serve, up, ingest, search, stats, delete, generate,
                       generate-batch, demo, bench)
-    bench/            `vitrine bench ...`: encoder, search, ingest, scale, quantization benchmarks, docs page
+    bench/            `vitrine bench ...`: encoder (encoder_*.py), search, ingest, scale (scale_*.py), quantization
+                      benchmarks, the common result format (report.py) and the docs page (docs.py)
     demo.py           `vitrine demo` end to end on the embedded defaults
     generate.py ...   client-side generation: one prompt or a plan file (batch)
     processes.py      local process management (`vitrine up`, demo and bench stacks)

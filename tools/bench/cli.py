@@ -79,9 +79,9 @@ def encoder(
     from tools.bench.encoder import (  # noqa: PLC0415 - tritonclient, onnxruntime: see the top
         QUICK,
         EncoderBenchConfig,
-        EncoderBenchError,
         run_encoder_bench,
     )
+    from tools.bench.encoder_load import EncoderBenchError  # noqa: PLC0415 - tritonclient
     from tools.bench.models import ensure_bench_repository  # noqa: PLC0415 - tritonclient
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
