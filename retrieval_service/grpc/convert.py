@@ -129,11 +129,9 @@ def ingest_response(outcome: IngestOutcome, errors: ErrorMapper) -> pb.IngestIma
     return response
 
 
-def ingest_metric_labels(response: pb.IngestImagesResponse) -> tuple[str, str]:
-    """(outcome name, google.rpc code name or 'OK') of a response, the labels of vitrine_ingest_images_total."""
-    outcome = pb.IngestImagesResponse.Outcome.Name(response.outcome)
-    code = code_pb2.Code.Name(response.error.code) if response.HasField("error") else "OK"
-    return outcome, code
+def ingest_metric_labels(outcome: IngestOutcome, response: pb.IngestImagesResponse) -> tuple[str, str]:
+    """(outcome name, google.rpc code name of its error or 'OK'): the labels of vitrine_ingest_images_total."""
+    return outcome.outcome, code_pb2.Code.Name(response.error.code) if outcome.error is not None else "OK"
 
 
 def generate_request(request: pb.GenerateImagesRequest) -> GenerateRequest:

@@ -63,7 +63,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         try:
             async for outcome in self._ingest.run(convert.ingest_items(request_iterator)):
                 response = convert.ingest_response(outcome, self.errors)
-                self._metrics.count_ingest(*convert.ingest_metric_labels(response))
+                self._metrics.count_ingest(*convert.ingest_metric_labels(outcome, response))
                 yield response
         finally:
             self._metrics.ingest_streams.dec()

@@ -67,12 +67,17 @@ class HealthMonitor:
         await self._publish(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def mark_down(self, dependency: str) -> None:
-        """Record that an RPC found `dependency` unreachable: NOT_SERVING now, re-probe at once."""
-        if dependency not in self._down:
-            log.warning("dependency %s reported unavailable", dependency)
+        """Record that an RPC found `dependency` unreachable: NOT_SERVING now, re-probe at once.
+
+        Called once per failed call or ingest item (retrieval_service.grpc.status.ErrorMapper), so a dependency
+        already recorded down only wakes the probe: NOT_SERVING was published when it went down.
+        """
+        self._wake.set()
+        if dependency in self._down:
+            return
+        log.warning("dependency %s reported unavailable", dependency)
         self._down.add(dependency)
         asyncio.get_running_loop().create_task(self._publish(health_pb2.HealthCheckResponse.NOT_SERVING))
-        self._wake.set()
 
     async def probe(self) -> None:
         """Run every check once and publish the resulting status."""
