@@ -38,7 +38,14 @@ $(DOCKER_COMPOSE):
 	echo 'cython<3' > $(COMPOSE_VENV)/constraints.txt
 	PIP_CONSTRAINT=$(COMPOSE_VENV)/constraints.txt $(COMPOSE_VENV)/bin/pip install -q docker-compose==1.29.2
 
-test: setup $(DOCKER_COMPOSE)
+# A real redis-server for the embedding-cache tests (tests/redis_server.py): Debian's package where none is on PATH.
+REDIS_SERVER := $(or $(shell command -v redis-server),/usr/bin/redis-server)
+SUDO         := $(if $(filter 0,$(shell id -u)),,sudo)
+$(REDIS_SERVER):
+	command -v redis-server >/dev/null || \
+	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends redis-server)
+
+test: setup $(DOCKER_COMPOSE) $(REDIS_SERVER)
 	$(PY) -m pytest tests
 
 # Short versions of every benchmark (~15 min on 2 cores), then docs/benchmarks.md from their results.

@@ -10,9 +10,12 @@ Everything is written into a hidden staging folder next to `output` and renamed 
 after every check passed (onnx.checker, the ONNX Runtime vs PyTorch parity gate, tokenizer.json vs
 open_clip ids), so a failed export leaves no partial repository.
 
-Exporter: torch 2.14's `torch.onnx.export` defaults to the dynamo exporter, which needs
-`onnxscript` (not a project dependency); the TorchScript exporter (`dynamo=False`, deprecated but
-present in 2.14) exports both towers with a dynamic batch axis and is used here.
+Exporter: the image tower (and a text tower without an exact dynamic-length form) goes through the
+TorchScript exporter (`dynamo=False`, deprecated but present in torch 2.14) with a dynamic batch axis. The
+text tower of open_clip's built-in text transformer goes through the dynamo exporter (`torch.export` +
+`onnxscript`) as `export.towers.DynamicTextTower` with dynamic batch and sequence axes: one graph that takes
+any 2..context_length tokens, so clients pad a query to a short length bucket (8/16/32/77) instead of 77;
+its parity gate runs at every bucket length against open_clip at the padded context length.
 
 Precision: 'fp32' (default), 'int8' or 'fp16'. int8 exports the float32 graphs, then quantizes them with
 ONNX Runtime dynamic quantization (`export.quantize`: int8 weights, MatMul/Gemm/Gather, per channel); it is
@@ -57,7 +60,7 @@ from export import parity as parity_mod
 from export import quantize as quantize_mod
 from export.loading import LoadedModel, load_open_clip
 from export.tokenizer_json import write_tokenizer_json
-from export.towers import ImageTower, TextTower
+from export.towers import DynamicTextTower, ImageTower, TextTower, supports_dynamic_length
 from vitrine.triton_config import TensorSpec, build_model_config, check_batching, write_model_config
 from vitrine.manifest import MANIFEST_FILE, TOKENIZER_FILE, Manifest, TowerParity
 from vitrine.manifest import ImageTower as ImageTowerSpec
@@ -69,6 +72,8 @@ ONNX_FILE = "model.onnx"
 MODEL_VERSION = "1"
 IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "input_ids", "embedding"
 PRECISIONS = ("fp32", "fp16", "int8")
+#: Bumped when the export's output changes in a way a cached repository must be redone for (tools/demo.py).
+EXPORTER_REVISION = "vitrine-export-2"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -156,6 +161,109 @@ def _onnx_export(
         raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
 
 
+#: Default length buckets of a dynamic-length text tower (those below the context length, then it). Short
+#: buckets because most search queries are a few words: 8 tokens hold "<sot> red silk cape with gold trim <eot>".
+DEFAULT_LENGTH_BUCKETS = (8, 16, 32)
+#: The dynamo exporter's lowest well-supported opset (torch 2.14 translates to 18 and converts down with warnings).
+DYNAMO_MIN_OPSET = 18
+
+
+def length_buckets(context_length: int, requested: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Ascending bucket lengths for a dynamic text tower: `requested` (default DEFAULT_LENGTH_BUCKETS) below
+    `context_length`, then `context_length` itself.
+
+    Raises:
+        ExportError: a requested bucket < 2 or > context_length.
+    """
+    requested = DEFAULT_LENGTH_BUCKETS if requested is None else tuple(requested)
+    bad = [b for b in requested if not 2 <= b <= context_length]
+    if bad:
+        raise ExportError(f"text length buckets {bad} are outside [2, context_length {context_length}]")
+    return tuple(sorted({b for b in requested if b < context_length})) + (context_length,)
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename the value `old` to `new` everywhere in `graph` (node inputs/outputs, graph io, value_info,
+    initializers)."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in collection:
+            if item.name == old:
+                item.name = new
+
+
+def _onnx_export_dynamic_text(module: torch.nn.Module, example: torch.Tensor, path: Path, context_length: int,
+                              opset: int) -> int:
+    """Export `module` (a `DynamicTextTower`) with dynamic batch AND sequence axes to `path`: torch's dynamo
+    exporter (`torch.export` + onnxscript) with `dynamic_shapes`, since the TorchScript tracer bakes the traced
+    length into the attention reshapes. Returns the opset used (>= DYNAMO_MIN_OPSET).
+
+    The dynamo exporter names some internal values after their op; one called 'embedding' (the token embedding
+    Gather) would clash with the graph output 'embedding' in ONNX Runtime ("Duplicate definition of name"), so the
+    graph is exported with a private output name and renamed afterwards.
+    """
+    from torch.export import Dim  # noqa: PLC0415
+
+    opset = max(opset, DYNAMO_MIN_OPSET)
+    private = "vitrine_text_embedding_output"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):  # per-pass INFO lines
+                logging.getLogger(noisy).setLevel(logging.WARNING)
+            torch.onnx.export(
+                module, (example,), str(path), dynamo=True, external_data=False, verbose=False,
+                input_names=[TEXT_INPUT], output_names=[private], opset_version=opset,
+                dynamic_shapes={"input_ids": {0: Dim("batch", min=1, max=65536),
+                                              1: Dim("seq", min=2, max=context_length)}},
+            )
+    except Exception as exc:  # torch.export / onnxscript raise many kinds
+        raise ExportError(f"dynamic-length export of the text tower failed: {exc}") from exc
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    graph_model = onnx.load(str(path))
+    taken = {name for node in graph_model.graph.node for name in node.output}
+    if OUTPUT in taken or any(i.name == OUTPUT for i in graph_model.graph.initializer):
+        _rename_value(graph_model.graph, OUTPUT, "vitrine_internal_embedding")
+    _rename_value(graph_model.graph, private, OUTPUT)
+    onnx.save(graph_model, str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
+    return opset
+
+
+def _text_parity_by_length(session: ort.InferenceSession, token_ids: np.ndarray, reference: np.ndarray,
+                           buckets: Sequence[int], pad_id: int, threshold: float) -> TowerParity:
+    """Parity of a dynamic-length text graph: every row at every bucket length that holds it (the padded
+    context length included) against open_clip's `encode_text` at the padded context length.
+
+    Raises:
+        ExportError: a length the graph refuses, or min cosine below `threshold` (message names the length).
+    """
+    counts = (token_ids != pad_id).sum(axis=1)
+    candidate, expected = [], []
+    for length in buckets:
+        rows = np.flatnonzero(counts <= length)
+        if not len(rows):
+            continue
+        try:
+            out = session.run([OUTPUT], {TEXT_INPUT: np.ascontiguousarray(token_ids[rows, :length])})[0]
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument classes
+            raise ExportError(f"the dynamic-length text graph refused length {length}: {exc}") from exc
+        one = parity_mod.compare(f"text at length {length}", out, reference[rows], threshold)
+        log.info("text tower parity at length %d: %d rows, min cosine %.7f", length, len(rows), one.min_cosine)
+        candidate.append(out)
+        expected.append(reference[rows])
+    return parity_mod.compare("text", np.concatenate(candidate), np.concatenate(expected), threshold)
+
+
 def _cpu_session(path: Path, precision: str) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for one exported graph.
 
@@ -208,10 +316,14 @@ def _verify_tokenizer_file(path: Path, loaded: LoadedModel, pad_id: int, texts: 
         raise ExportError(f"tokenizer.json ids differ from open_clip's for texts {[texts[i] for i in rows]}")
 
 
-def _versions(opset: int) -> dict[str, str]:
+def _versions(opset: int, text_opset: int, dynamic: bool) -> dict[str, str]:
     return {
         "exporter": "torch.onnx.export(dynamo=False)",
+        "revision": EXPORTER_REVISION,
+        "text_exporter": ("torch.onnx.export(dynamo=True), dynamic batch and sequence axes" if dynamic
+                          else "torch.onnx.export(dynamo=False)"),
         "opset": str(opset),
+        "text_opset": str(text_opset),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "onnx": onnx.__version__,
@@ -229,6 +341,8 @@ def _write_repository(
     precision: str,
     config_kwargs: dict[str, Any],
     opset: int,
+    dynamic_length: bool = True,
+    text_buckets: Sequence[int] | None = None,
 ) -> Manifest:
     """Write the whole repository into `root` (an empty staging folder); returns its manifest."""
     pre = loaded.preprocess
@@ -259,8 +373,22 @@ def _write_repository(
     started = time.perf_counter()
     image_tower = ImageTower(model, pre.mean, pre.std).eval()
     _onnx_export(image_tower, torch.from_numpy(pixels[:2]), traced_image, IMAGE_INPUT, opset)
-    _onnx_export(TextTower(model).eval(), token_ids[:2], traced_text, TEXT_INPUT, opset)
-    log.info("exported both towers to ONNX in %.1f s", time.perf_counter() - started)
+    context_length = loaded.context_length
+    dynamic = dynamic_length and supports_dynamic_length(model)
+    if dynamic_length and not dynamic:
+        log.warning("%s: its text tower has no exact dynamic-length form; exporting it at the fixed context length "
+                    "%d", loaded.model_name, context_length)
+    buckets = length_buckets(context_length, text_buckets) if dynamic else (context_length,)
+    text_opset = opset
+    if dynamic:
+        example = token_ids[:2, : max(2, context_length // 2)].clone()
+        example[:, -1] = token_ids[:2].max()  # an <eot>-like largest id inside the example length
+        text_opset = _onnx_export_dynamic_text(DynamicTextTower(model).eval(), example, traced_text,
+                                               context_length, opset)
+    else:
+        _onnx_export(TextTower(model).eval(), token_ids[:2], traced_text, TEXT_INPUT, opset)
+    log.info("exported both towers to ONNX in %.1f s (text: %s)", time.perf_counter() - started,
+             f"dynamic length, buckets {list(buckets)}" if dynamic else f"fixed length {context_length}")
     if precision == "int8":
         quantize_mod.quantize_onnx(traced_image, image_path, quantize_mod.INT8)
         quantize_mod.quantize_onnx(traced_text, text_path, quantize_mod.INT8)
@@ -269,16 +397,21 @@ def _write_repository(
     # The gate runs a batch size different from the traced one (2), so it also checks the dynamic axis.
     image_session, text_session = _cpu_session(image_path, precision), _cpu_session(text_path, precision)
     image_onnx = image_session.run([OUTPUT], {IMAGE_INPUT: pixels})[0]
-    text_onnx = text_session.run([OUTPUT], {TEXT_INPUT: token_ids.numpy()})[0]
+    pad_id = write_tokenizer_json(loaded.tokenizer, root / TOKENIZER_FILE, context_length)
+    if dynamic:
+        text_parity = _text_parity_by_length(text_session, token_ids.numpy(), text_reference, buckets, pad_id,
+                                             threshold)
+    else:
+        text_onnx = text_session.run([OUTPUT], {TEXT_INPUT: token_ids.numpy()})[0]
+        text_parity = parity_mod.compare("text", text_onnx, text_reference, threshold)
     results: dict[str, TowerParity] = {
         "image": parity_mod.compare("image", image_onnx, image_reference, threshold),
-        "text": parity_mod.compare("text", text_onnx, text_reference, threshold),
+        "text": text_parity,
     }
     retrieval = _retrieval_parity(loaded, image_session, text_session)
     del image_session, text_session
     quantization = quantize_mod.INT8.describe() if precision == "int8" else ""
 
-    pad_id = write_tokenizer_json(loaded.tokenizer, root / TOKENIZER_FILE, loaded.context_length)
     _verify_tokenizer_file(root / TOKENIZER_FILE, loaded, pad_id, texts)
 
     output_spec = TensorSpec(OUTPUT, "TYPE_FP32", (embedding_dim,))
@@ -294,7 +427,8 @@ def _write_repository(
     write_model_config(
         build_model_config(
             text_model,
-            inputs=[TensorSpec(TEXT_INPUT, "TYPE_INT64", (loaded.context_length,))],
+            inputs=[TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,) if dynamic else (context_length,),
+                               warmup_dims=(context_length,))],
             outputs=[output_spec],
             **config_kwargs,
         ),
@@ -325,9 +459,11 @@ def _write_repository(
             context_length=loaded.context_length,
             pad_id=pad_id,
             tokenizer_file=TOKENIZER_FILE,
+            dynamic_length=dynamic,
+            length_buckets=buckets,
         ),
         parity=results,
-        exporter=_versions(opset) | ({"quantization": quantization} if quantization else {}),
+        exporter=_versions(opset, text_opset, dynamic) | ({"quantization": quantization} if quantization else {}),
     )
     manifest.write(root)
     parity_mod.ParityReport(
@@ -354,6 +490,8 @@ def export_repository(
     gpu: bool = False,
     opset: int = 17,
     overwrite: bool = False,
+    dynamic_length: bool = True,
+    text_buckets: Sequence[int] | None = None,
 ) -> Manifest:
     """Export an open_clip model's two towers as a Vitrine/Triton model repository at `output`.
 
@@ -371,6 +509,11 @@ def export_repository(
         gpu: KIND_GPU instances with the TensorRT FP16 accelerator instead of KIND_CPU.
         opset: ONNX opset (14..20).
         overwrite: replace an existing repository at `output` (only one with a manifest.json).
+        dynamic_length: export the text tower with a dynamic sequence axis (any 2..context_length tokens) when
+            the model's text tower has an exact dynamic-length form (`export.towers.supports_dynamic_length`),
+            with the parity gate run at every bucket length; else (or False) at the fixed context length.
+        text_buckets: token lengths below the context length that clients pad to (default
+            `DEFAULT_LENGTH_BUCKETS` = 8, 16, 32); the context length is always the last bucket.
 
     Returns:
         The written manifest (parity results and exporter versions included). The full parity report
@@ -385,6 +528,8 @@ def export_repository(
     started = time.perf_counter()
     _validate(name_prefix, precision, max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds,
               instance_count, gpu, opset)
+    if text_buckets is not None:
+        length_buckets(10**9, text_buckets)  # shape errors now; the context length is checked once loaded
     output = Path(output).resolve()
     _check_output(output, overwrite)
     loaded = load_open_clip(model_name, pretrained=pretrained, checkpoint=checkpoint)
@@ -398,6 +543,8 @@ def export_repository(
             name_prefix=name_prefix,
             precision=precision,
             opset=opset,
+            dynamic_length=dynamic_length,
+            text_buckets=text_buckets,
             config_kwargs=dict(
                 max_batch_size=max_batch_size,
                 preferred_batch_sizes=tuple(preferred_batch_sizes),

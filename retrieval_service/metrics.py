@@ -19,6 +19,12 @@ several servers in one process (tests) keep separate counts. Names follow the Pr
 |   |   |   | REJECTED with its google.rpc code (INVALID_ARGUMENT, UNAVAILABLE, ABORTED) |
 | vitrine_ingest_streams_in_flight | gauge | | open IngestImages streams |
 | vitrine_dependency_up | gauge | dependency | 1 when the health monitor sees the dependency (encoder, milvus) up |
+| vitrine_embedding_cache_requests_total | counter | tier, kind, result | query embedding cache lookups: tier local /
+|   |   |   | redis, kind text / image, result hit / miss (redis: keys asked of Redis in calls that answered) |
+| vitrine_embedding_cache_evictions_total | counter | kind | local entries evicted by the entry or byte bound |
+| vitrine_embedding_cache_entries | gauge | | entries in the local embedding cache |
+| vitrine_embedding_cache_bytes | gauge | | bytes the local embedding cache counts (vectors + keys) |
+| vitrine_embedding_cache_redis_errors_total | counter | | shared-cache (Redis) calls that failed or timed out |
 | process_*, python_gc_*, python_info | | | prometheus_client's process, GC and platform collectors |
 
 RPCs the server does not know (UNIMPLEMENTED) are counted with rpc="unknown" so callers cannot create series.
@@ -52,6 +58,9 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )
 UNKNOWN_RPC = "unknown"
+#: label values of the embedding cache metrics (retrieval_service.usecases.embedding_cache)
+CACHE_KINDS: tuple[str, ...] = ("text", "image")
+CACHE_TIERS: tuple[str, ...] = ("local", "redis")
 #: RPCs whose access-log line is written at DEBUG, not INFO: load-balancer health probes arrive every few seconds.
 QUIET_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
 
@@ -94,6 +103,24 @@ class ServiceMetrics:
                                     registry=registry)
         self.dependency_up = Gauge("vitrine_dependency_up", "1 when the dependency passes its health probe.",
                                    ["dependency"], registry=registry)
+        self.cache_requests = Counter("vitrine_embedding_cache_requests_total",
+                                      "Query embedding cache lookups by tier, kind and result.",
+                                      ["tier", "kind", "result"], registry=registry)
+        self.cache_evictions = Counter("vitrine_embedding_cache_evictions_total",
+                                       "Local query embedding cache entries evicted by its bounds.", ["kind"],
+                                       registry=registry)
+        self.cache_entries = Gauge("vitrine_embedding_cache_entries", "Entries in the local query embedding cache.",
+                                   registry=registry)
+        self.cache_bytes = Gauge("vitrine_embedding_cache_bytes",
+                                 "Bytes of the local query embedding cache (vectors and keys).", registry=registry)
+        self.cache_redis_errors = Counter("vitrine_embedding_cache_redis_errors_total",
+                                          "Shared embedding cache (Redis) calls that failed or timed out.",
+                                          registry=registry)
+        for kind in CACHE_KINDS:  # every series exists from the start, so rate() and hit ratios work at once
+            self.cache_evictions.labels(kind)
+            for tier in CACHE_TIERS:
+                for result in ("hit", "miss"):
+                    self.cache_requests.labels(tier, kind, result)
 
     # --- hooks called by the layers below ----------------------------------------------------------------
 
@@ -113,6 +140,27 @@ class ServiceMetrics:
         """Count one ingest outcome: INSERTED / ALREADY_PRESENT with code 'OK', or REJECTED with its google.rpc
         code name (e.g. 'INVALID_ARGUMENT')."""
         self.ingest_images.labels(outcome, code).inc()
+
+    def count_cache_requests(self, tier: str, kind: str, hits: int, misses: int) -> None:
+        """Count `hits` + `misses` query embedding cache lookups of `kind` ("text" | "image") in `tier`
+        ("local" | "redis"); part of `retrieval_service.usecases.embedding_cache.CacheObserver`."""
+        if hits:
+            self.cache_requests.labels(tier, kind, "hit").inc(hits)
+        if misses:
+            self.cache_requests.labels(tier, kind, "miss").inc(misses)
+
+    def count_cache_evictions(self, kind: str, count: int) -> None:
+        """Count `count` local embedding cache entries of `kind` evicted by the cache's bounds."""
+        self.cache_evictions.labels(kind).inc(count)
+
+    def set_cache_size(self, entries: int, nbytes: int) -> None:
+        """The local embedding cache now holds `entries` entries of `nbytes` bytes."""
+        self.cache_entries.set(entries)
+        self.cache_bytes.set(nbytes)
+
+    def count_cache_redis_error(self) -> None:
+        """Count one failed or timed-out shared embedding cache (Redis) call."""
+        self.cache_redis_errors.inc()
 
     def track_dependencies(self, names: Iterable[str], down: Callable[[], Iterable[str]]) -> None:
         """Expose `vitrine_dependency_up{dependency}` for `names`, reading `down()` (the ones down) at scrape."""

@@ -25,6 +25,7 @@ from pydantic_settings import (
 from retrieval_service.adapters.gemini import DEFAULT_MODEL
 from retrieval_service.adapters.milvus import IndexSettings, is_lite_uri
 from retrieval_service.tls import ClientTlsSettings, ServerTlsSettings
+from retrieval_service.usecases.embedding_cache import CacheSettings
 from retrieval_service.usecases.rerank import RerankSettings
 
 MiB = 1024 * 1024
@@ -103,6 +104,14 @@ class Settings(BaseSettings):
     index: IndexSettings = Field(default_factory=IndexSettings)
     blob_dir: Path = Field(Path("var/blobs"), description="content-addressed store of original image bytes")
     rerank: RerankSettings = Field(default_factory=RerankSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings,
+                                 description="query embedding cache: in-process LRU, optionally shared in Redis")
+    text_length_buckets: list[int] = Field(
+        default_factory=list,
+        description="token lengths a text query is padded up to (the smallest that fits), e.g. [8, 16, 32, 77]; "
+                    "empty = the manifest's `text.length_buckets`. Only for a repository whose text tower takes "
+                    "a dynamic length; the largest must be the context length",
+    )
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
 
     # --- the gRPC server -----------------------------------------------------------------------------------
@@ -144,6 +153,8 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(1000, gt=0, description="longest text query accepted, characters")
     max_top_k: int = Field(1000, ge=1, le=16384, description="largest top_k (results per page)")
     max_filename_chars: int = Field(1024, ge=1)
+    max_embed_items: int = Field(256, ge=1, le=4096, description="most texts or images in one EmbedTexts / "
+                                                                  "EmbedImages call")
 
     # --- ingest pipeline -----------------------------------------------------------------------------------
     ingest_batch_size: int = Field(32, ge=1, description="images per encoder call during ingest")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 # tests/milvus_server.py: the real Milvus standalone server (`milvus` package), one per session
-pytest_plugins = ["milvus_server"]
+pytest_plugins = ["milvus_server", "redis_server"]  # tests/redis_server.py: real redis-server processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("VITRINE_CACHE_DIR", ROOT / ".cache"))

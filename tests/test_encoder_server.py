@@ -271,6 +271,27 @@ async def test_client_splits_batches_larger_than_max_batch_size(
     np.testing.assert_allclose(embeddings, expected, atol=1e-5, rtol=0)
 
 
+async def test_text_tower_serves_each_length_bucket_and_batches_within_it(
+    running: Running, reference_sessions: dict[str, object]
+) -> None:
+    """config dims [-1]: requests of 8 and 16 tokens are served as sent; concurrent ones of one length merge."""
+    manifest = running.manifest
+    model, spec = manifest.text.triton_model, manifest.text
+    assert spec.dynamic_length and 8 in spec.buckets and 16 in spec.buckets
+    rng = np.random.default_rng(5)
+    async with EncoderClient(running.server.grpc_url, manifest) as client:
+        before = await client.model_statistics(model)
+        requests = [rng.integers(1, VOCAB_SIZE, size=(1, length)).astype(np.int64)
+                    for length in [8] * 12 + [16] * 12]
+        rows = await asyncio.gather(*(client.encode_texts(ids) for ids in requests))
+        after = await settled_statistics(client, model, before.inference_count + len(requests))
+    assert after.inference_count - before.inference_count == len(requests)
+    assert after.execution_count - before.execution_count < len(requests)  # merged within a length
+    for ids, row in zip(requests, rows):
+        expected = reference_sessions[model].run([spec.output_name], {spec.input_name: ids})[0]
+        np.testing.assert_allclose(row, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("tower", "make", "message"),
     [
@@ -280,6 +301,7 @@ async def test_client_splits_batches_larger_than_max_batch_size(
         ("image", lambda m: [[0]], "numpy array"),
         ("text", lambda m: np.zeros((m.text.context_length,), np.int64), "shape"),
         ("text", lambda m: np.zeros((1, m.text.context_length + 1), np.int64), "shape"),
+        ("text", lambda m: np.zeros((1, 1), np.int64), "shape"),
         ("text", lambda m: np.zeros((1, m.text.context_length), np.int32), "dtype"),
     ],
 )

@@ -106,8 +106,9 @@ def test_config_pbtxt_fields(vit_b32) -> None:
     text = read_model_config(repo / "clip_text")
     expected_io = [
         (image, ("pixels", mc.TYPE_UINT8, [224, 224, 3])),
-        (text, ("input_ids", mc.TYPE_INT64, [77])),
+        (text, ("input_ids", mc.TYPE_INT64, [-1])),  # dynamic sequence length
     ]
+    warmup_dims = {"pixels": [224, 224, 3], "input_ids": [77]}  # concrete: the longest text shape
     for config, (name, dtype, dims) in expected_io:
         assert config.backend == "onnxruntime"
         assert config.platform == "onnxruntime_onnx"
@@ -120,7 +121,7 @@ def test_config_pbtxt_fields(vit_b32) -> None:
         assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
         assert [w.batch_size for w in config.model_warmup] == [1, 32]
         for warmup in config.model_warmup:
-            assert warmup.inputs[name].zero_data and list(warmup.inputs[name].dims) == dims
+            assert warmup.inputs[name].zero_data and list(warmup.inputs[name].dims) == warmup_dims[name]
         assert not config.optimization.execution_accelerators.gpu_execution_accelerator
     assert image.name == manifest.image.triton_model == "clip_image"
     assert text.name == manifest.text.triton_model == "clip_text"
@@ -152,6 +153,43 @@ def test_dynamic_batch_matches_pytorch(vit_b32, vit_b32_torch, vit_b32_sessions,
     with torch.no_grad():
         expected = loaded.model.encode_text(torch.from_numpy(ids), normalize=True).numpy()
     assert _cosines(got, expected).min() >= 0.99999
+
+
+@pytest.mark.slow
+def test_text_graph_takes_every_length_like_padded_pytorch(vit_b32, vit_b32_torch, vit_b32_sessions) -> None:
+    """One graph, any 2..77 tokens: the first L positions give open_clip's embedding of the padded 77."""
+    repo, manifest = vit_b32
+    assert manifest.text.dynamic_length and manifest.text.buckets == (8, 16, 32, 77)
+    assert manifest.parity["text"].batch_size > len(parity_mod.PARITY_TEXTS)  # gated at several lengths
+    graph_input = onnx.load(str(repo / "clip_text" / "1" / "model.onnx")).graph.input[0]
+    assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim][1] != 77
+    texts = ["red silk cape with gold trim", "手写数字七", "a " * 80]  # the last is truncated to 77
+    tokenizer = TextTokenizer.from_repository(repo, manifest)
+    padded = tokenizer.encode_batch(texts)
+    with torch.no_grad():
+        expected = vit_b32_torch.model.encode_text(torch.from_numpy(padded), normalize=True).numpy()
+    counts = (padded != manifest.text.pad_id).sum(1)
+    for length in (2, 5, 8, 13, 16, 32, 50, 76, 77):
+        rows = np.flatnonzero(counts <= length)
+        if not len(rows):
+            continue
+        got = vit_b32_sessions["text"].run(["embedding"], {"input_ids": padded[rows, :length]})[0]
+        assert _cosines(got, expected[rows]).min() >= 0.99999, length
+    batch = tokenizer.encode_padded(texts[:2], manifest.text.buckets)
+    assert batch.ids.shape == (2, 16) and batch.truncated.tolist() == [False, False]
+    short = vit_b32_sessions["text"].run(["embedding"], {"input_ids": batch.ids})[0]
+    assert _cosines(short, expected[:2]).min() >= 0.99999
+
+
+@pytest.mark.slow
+def test_fixed_length_text_export_on_request(tmp_path: Path) -> None:
+    register_demo_configs()
+    manifest = export_repository(TINY, tmp_path / "repo", dynamic_length=False)
+    assert not manifest.text.dynamic_length and manifest.text.buckets == (manifest.text.context_length,)
+    config = read_model_config(tmp_path / "repo" / "clip_text")
+    assert list(config.input[0].dims) == [manifest.text.context_length]
+    with pytest.raises(ExportError, match="outside"):
+        export_repository(TINY, tmp_path / "other", text_buckets=(1, 8))
 
 
 @pytest.mark.slow

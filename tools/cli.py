@@ -1,4 +1,4 @@
-"""The `vitrine` command line: export, train the demo model, serve, ingest, search, stats, delete, demo.
+"""The `vitrine` command line: export, train the demo model, serve, ingest, search, embed, stats, delete, demo.
 
 Serving commands import neither torch nor open_clip; only `export`, `train-demo` and `demo` do (lazily).
 Run `vitrine --help` or `vitrine COMMAND --help`.
@@ -7,6 +7,7 @@ Run `vitrine --help` or `vitrine COMMAND --help`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import grpc
+import numpy as np
 import typer
 from google.protobuf import json_format
 from rich.console import Console
@@ -25,10 +27,11 @@ from tools.generate import generate_one, run_batch
 from tools.ingest_folder import ingest_folder
 from tools.processes import Ports, local_stack
 from tools.results import print_results, results_contact_sheet
-from vitrine.client import VitrineClient, guess_suffix
+from vitrine.client import Embeddings, VitrineClient, guess_suffix
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
+err_console = Console(stderr=True)
 app.add_typer(bench_app, name="bench")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -90,6 +93,11 @@ def export(
     max_queue_delay_microseconds: int = 2000,
     instances: Annotated[int, typer.Option(help="Triton instance_group count")] = 1,
     gpu: Annotated[bool, typer.Option(help="KIND_GPU instances + TensorRT FP16 accelerator in config.pbtxt")] = False,
+    dynamic_text: Annotated[bool, typer.Option(help=(
+        "text tower with a dynamic sequence axis (queries padded to a length bucket, not the context length) "
+        "where the model allows it exactly; --no-dynamic-text: fixed context length"))] = True,
+    text_buckets: Annotated[str, typer.Option(help="comma-separated token lengths below the context length that "
+                                                   "text queries are padded up to")] = "8,16,32",
     overwrite: bool = False,
     verbose: bool = False,
 ) -> None:
@@ -102,12 +110,14 @@ def export(
             model, output, pretrained=pretrained, checkpoint=checkpoint, name_prefix=name_prefix,
             precision=precision, max_batch_size=max_batch_size, preferred_batch_sizes=_ints(preferred_batch_sizes),
             max_queue_delay_microseconds=max_queue_delay_microseconds, instance_count=instances, gpu=gpu,
-            overwrite=overwrite,
+            overwrite=overwrite, dynamic_length=dynamic_text, text_buckets=_ints(text_buckets),
         )
     except ExportError as exc:
         console.print(f"[red]export failed:[/red] {exc}")
         raise typer.Exit(2) from exc
-    console.print(f"wrote {output}: model_id={manifest.model_id} dim={manifest.embedding_dim}")
+    console.print(f"wrote {output}: model_id={manifest.model_id} dim={manifest.embedding_dim} text lengths="
+                  + (f"{list(manifest.text.buckets)} (dynamic)" if manifest.text.dynamic_length
+                     else f"{manifest.text.context_length} (fixed)"))
     from export.parity import ParityReport  # noqa: PLC0415 - torch
 
     report = ParityReport.read(output)
@@ -258,6 +268,80 @@ def search(
         if contact_sheet:
             results_contact_sheet(client, contact_sheet, text or f"image: {image.name}", resp, query_bytes)
             console.print(f"contact sheet: {contact_sheet}")
+
+
+def _embedding_lines(kind: str, inputs: list[str], result: Embeddings, first_row: int,
+                     with_values: bool) -> list[dict]:
+    """One JSON-able dict per item of `result`: kind, input, row (in the --out array), then the vector's
+    facts and values (`with_values`) or its error."""
+    lines = []
+    for i, name in enumerate(inputs):
+        line: dict = {"kind": kind, "input": name, "row": first_row + i}
+        error = result.errors.get(i)
+        if error is not None:
+            line["error"] = {"code": error.code, "message": error.message, "field": error.field,
+                             "reason": error.reason}
+        else:
+            if kind == "text":
+                line.update(token_count=int(result.token_counts[i]), truncated=bool(result.truncated[i]))
+            line["cached"] = bool(result.cached[i])
+            if with_values:
+                line["values"] = result.vectors[i].tolist()
+        lines.append(line)
+    return lines
+
+
+@app.command()
+def embed(
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="text to embed (repeatable)")] = None,
+    texts_file: Annotated[Optional[Path], typer.Option(
+        help="UTF-8 file of texts to embed, one per line (empty lines skipped)")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option("--image", help="image file to embed (repeatable)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=(
+        "write the vectors to this .npy file (numpy adds the suffix when missing), float32 [N, D]: texts then "
+        "images in the order given, NaN rows for refused items; stdout then lists the items without values"))] = None,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Embed texts (--text, --texts-file) and images (--image) with the collection's model (EmbedTexts /
+    EmbedImages, one call each); prints one JSON object per item (kind, input, row, token_count, truncated,
+    cached, values or error). Exit 1 when an item was refused, 2 when a call failed."""
+
+    texts = list(text or [])
+    if texts_file is not None:
+        texts += [line for line in texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    images = list(image or [])
+    if not texts and not images:
+        raise typer.BadParameter("give at least one --text, --texts-file line or --image")
+    lines: list[dict] = []
+    vectors: list[np.ndarray] = []
+    summary: list[str] = []
+    refused = 0
+    with VitrineClient(target) as client:
+        try:
+            calls = (("text", texts, client.embed_texts), ("image", images, client.embed_images))
+            for kind, inputs, embed_call in calls:
+                if not inputs:
+                    continue
+                result = embed_call(inputs)
+                lines += _embedding_lines(kind, [str(x) for x in inputs], result, sum(len(v) for v in vectors),
+                                          with_values=out is None)
+                vectors.append(result.vectors)
+                refused += len(result.errors)
+                summary.append(f"{len(inputs)} {kind}(s) in {result.encode_ms:.0f} ms encode")
+        except grpc.RpcError as exc:
+            err_console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+            raise typer.Exit(2) from exc
+        except FileNotFoundError as exc:
+            err_console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from exc
+    for line in lines:
+        print(json.dumps(line, ensure_ascii=False))
+    if out is not None:
+        np.save(out, np.concatenate(vectors).astype(np.float32))
+    err_console.print(f"embedded {', '.join(summary)} with {result.model_id} (dim {result.embedding_dim})"
+                      + (f"; {refused} refused" if refused else "") + (f"; vectors in {out}" if out else ""), soft_wrap=True)
+    if refused:
+        raise typer.Exit(1)
 
 
 @app.command()

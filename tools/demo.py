@@ -56,7 +56,7 @@ def prepare_demo(cache_dir: Path, repository: Path, dataset: Path, *, console: C
     The export is redone only when `repository`'s manifest names another checkpoint. Needs torch/open_clip.
     """
     from export.demo.cache import ensure_checkpoint  # noqa: PLC0415 - torch: training
-    from export.onnx_export import export_repository  # noqa: PLC0415 - torch: exporting
+    from export.onnx_export import EXPORTER_REVISION, export_repository  # noqa: PLC0415 - torch: exporting
 
     say = console.print if console else print
     t0 = time.perf_counter()
@@ -67,7 +67,8 @@ def prepare_demo(cache_dir: Path, repository: Path, dataset: Path, *, console: C
         manifest = Manifest.read(repository)
     except (FileNotFoundError, ValueError):
         pass
-    if manifest is None or manifest.pretrained != f"file:{checkpoint.name}":
+    if (manifest is None or manifest.pretrained != f"file:{checkpoint.name}"
+            or manifest.exporter.get("revision") != EXPORTER_REVISION):  # made by an older export: redo it
         t0 = time.perf_counter()
         manifest = export_repository(MODEL_NAME, repository, checkpoint=checkpoint, overwrite=True)
         say(f"exported {manifest.model_id} to {repository} in {time.perf_counter() - t0:.1f} s")

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vitrine.v1 import retrieval_service_pb2 as pb
@@ -27,7 +29,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".ti
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "vitrine.v1.RetrievalService", "method": m}
-                 for m in ("SearchImages", "GetImage", "GetCollectionStats")],
+                 for m in ("SearchImages", "GetImage", "GetCollectionStats", "EmbedTexts", "EmbedImages")],
         "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s",
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }]
@@ -60,6 +62,100 @@ def image_files(folder: Path, metadata_file: Path | None = None) -> list[IngestF
                 meta[str(row.pop("filename"))] = row
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     return [IngestFile(p, meta.get(p.relative_to(folder).as_posix(), meta.get(p.name, {}))) for p in files]
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """Why one item of an EmbedTexts / EmbedImages call has no embedding (its `google.rpc.Status`).
+
+    code: the status code name, e.g. "INVALID_ARGUMENT".
+    message: the server's human message.
+    field: the request field named by its BadRequest violation (e.g. "texts[3]"), "" when none.
+    reason: its ErrorInfo reason (e.g. "IMAGE_UNDECODABLE"), "" when none.
+    """
+
+    code: str
+    message: str
+    field: str = ""
+    reason: str = ""
+
+    @classmethod
+    def from_status(cls, status: status_pb2.Status) -> "ItemError":
+        field = reason = ""
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                field = field or next((v.field for v in bad.field_violations if v.field), "")
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = reason or info.reason
+        try:
+            code = code_pb2.Code.Name(status.code)
+        except ValueError:
+            code = str(status.code)
+        return cls(code=code, message=status.message, field=field, reason=reason)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The answer of `VitrineClient.embed_texts` / `embed_images`, one row per input in request order.
+
+    vectors: float32 [N, D], L2-normalized rows; the row of a refused item is all NaN (so it cannot pass for a
+        vector: any similarity computed with it is NaN); `ok` says which rows are real.
+    errors: input index -> ItemError, for the refused items only (empty when every item was embedded).
+    token_counts: int32 [N], texts: tokens fed to the text tower (<sot> and <eot> included, <= the context
+        length); 0 for images and refused items.
+    truncated: bool [N], texts: longer than the model's context length, tail cut (open_clip's rule).
+    cached: bool [N], served from the service's query embedding cache.
+    model_id, embedding_dim: the collection's model (manifest `model_id`, D).
+    encode_ms: server time encoding the call's cache misses, milliseconds.
+    """
+
+    vectors: np.ndarray
+    errors: dict[int, ItemError]
+    token_counts: np.ndarray
+    truncated: np.ndarray
+    cached: np.ndarray
+    model_id: str
+    embedding_dim: int
+    encode_ms: float
+
+    @property
+    def ok(self) -> np.ndarray:
+        """bool [N]: True where the item has a vector."""
+        mask = np.ones(len(self.vectors), dtype=bool)
+        mask[list(self.errors)] = False
+        return mask
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @classmethod
+    def from_response(cls, response: pb.EmbedTextsResponse | pb.EmbedImagesResponse) -> "Embeddings":
+        """Decode an EmbedTextsResponse / EmbedImagesResponse.
+
+        Raises:
+            ValueError: a vector's length differs from the response's embedding_dim.
+        """
+        dim = int(response.embedding_dim)
+        n = len(response.embeddings)
+        vectors = np.full((n, dim), np.nan, dtype=np.float32)
+        errors: dict[int, ItemError] = {}
+        for i, item in enumerate(response.embeddings):
+            if item.HasField("error"):
+                errors[i] = ItemError.from_status(item.error)
+                continue
+            if len(item.values) != dim:
+                raise ValueError(f"embeddings[{i}] has {len(item.values)} values, expected embedding_dim {dim}")
+            vectors[i] = np.asarray(item.values, dtype=np.float32)
+        return cls(
+            vectors=vectors, errors=errors,
+            token_counts=np.asarray([e.token_count for e in response.embeddings], dtype=np.int32),
+            truncated=np.asarray([e.truncated for e in response.embeddings], dtype=bool),
+            cached=np.asarray([e.cached for e in response.embeddings], dtype=bool),
+            model_id=response.model_id, embedding_dim=dim, encode_ms=response.encode_ms)
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -211,6 +307,40 @@ class VitrineClient:
 
     def stats(self) -> pb.GetCollectionStatsResponse:
         return self.stub.GetCollectionStats(pb.GetCollectionStatsRequest())
+
+    def embed_texts(self, texts: Sequence[str], *, timeout_s: float = 60.0) -> Embeddings:
+        """EmbedTexts: one L2-normalized float32 vector per text (`Embeddings.vectors` [N, D], request order).
+
+        A bad text (empty, only whitespace or control characters, over `max_text_chars`) is not an exception:
+        its row is NaN and `Embeddings.errors[i]` says why (field "texts[i]"). Retried on UNAVAILABLE.
+
+        Raises:
+            TypeError: `texts` is a single str.
+            grpc.RpcError: INVALID_ARGUMENT for no texts or more than the server's `max_embed_items` (default
+                256); UNAVAILABLE (encoder down); DEADLINE_EXCEEDED after `timeout_s` seconds.
+        """
+        if isinstance(texts, str):
+            raise TypeError("embed_texts takes a list of texts, got a single str")
+        response = self.stub.EmbedTexts(pb.EmbedTextsRequest(texts=list(texts)), timeout=timeout_s)
+        return Embeddings.from_response(response)
+
+    def embed_images(self, images: Sequence[bytes | Path | str], *, timeout_s: float = 60.0) -> Embeddings:
+        """EmbedImages: one L2-normalized float32 vector per image (`Embeddings.vectors` [N, D], request order).
+
+        Each image is encoded bytes or a file path (Path or str) read here. A bad image (empty, undecodable,
+        oversized, too small) is not an exception: its row is NaN and `Embeddings.errors[i]` says why (reason
+        IMAGE_*). Retried on UNAVAILABLE.
+
+        Raises:
+            FileNotFoundError: a path cannot be read.
+            grpc.RpcError: INVALID_ARGUMENT for no images or more than the server's `max_embed_items` (default
+                256); RESOURCE_EXHAUSTED when the request is over the message size limit (64 MiB default);
+                UNAVAILABLE; DEADLINE_EXCEEDED after `timeout_s` seconds.
+        """
+        contents = [bytes(image) if isinstance(image, (bytes, bytearray, memoryview))
+                    else _read(Path(image), "image") for image in images]
+        response = self.stub.EmbedImages(pb.EmbedImagesRequest(images=contents), timeout=timeout_s)
+        return Embeddings.from_response(response)
 
     def generate(self, prompt: str, *, reference_text: str | None = None,
                  reference_image: bytes | None = None, reference_ids: Sequence[str] = (),

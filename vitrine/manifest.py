@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -60,8 +60,11 @@ class ImageTower(_Strict):
 class TextTower(_Strict):
     """The text tower as Triton serves it.
 
-    Input `input_name`: int64 [B, context_length] token ids: <sot> ids <eot> then `pad_id`,
-    truncated to context_length with the last kept id replaced by <eot> (open_clip's rule).
+    Input `input_name`: int64 [B, L] token ids: <sot> ids <eot> then `pad_id`, truncated to context_length
+    with the last kept id replaced by <eot> (open_clip's rule). L = context_length for a fixed-length graph;
+    with `dynamic_length` any 2 <= L <= context_length, and clients pad each request to the smallest of
+    `length_buckets` that fits its longest text (the causal attention and <eot> pooling make the embedding
+    independent of the padding, see export.towers.DynamicTextTower).
     Output `output_name`: float32 [B, embedding_dim], L2-normalized.
     """
 
@@ -71,6 +74,28 @@ class TextTower(_Strict):
     context_length: int
     pad_id: int = 0
     tokenizer_file: str = TOKENIZER_FILE
+    dynamic_length: bool = Field(False, description="the graph takes any sequence length 2..context_length")
+    length_buckets: tuple[int, ...] = Field(
+        (), description="ascending token lengths requests are padded up to; the last is context_length. Empty = "
+                        "(context_length,). Only a dynamic_length tower may have more than one")
+
+    @model_validator(mode="after")
+    def _check_buckets(self) -> "TextTower":
+        buckets = self.length_buckets
+        if not buckets:
+            return self
+        if list(buckets) != sorted(set(buckets)) or buckets[0] < 2 or buckets[-1] != self.context_length:
+            raise ValueError(f"length_buckets must be strictly ascending, >= 2 and end at context_length "
+                             f"{self.context_length}, got {list(buckets)}")
+        if len(buckets) > 1 and not self.dynamic_length:
+            raise ValueError(f"length_buckets {list(buckets)} need a dynamic_length text tower (this graph takes "
+                             f"only {self.context_length} tokens)")
+        return self
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The padded lengths a client may send, ascending (at least (context_length,))."""
+        return self.length_buckets or (self.context_length,)
 
 
 class Manifest(_Strict):

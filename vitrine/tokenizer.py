@@ -12,9 +12,11 @@ a `Lowercase` step in its normalizer means clean='lower' (see `export.tokenizer_
 
 from __future__ import annotations
 
+import bisect
 import html
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import ftfy
@@ -41,6 +43,30 @@ def clean_text(text: str, lower: bool) -> str:
     text = html.unescape(html.unescape(text)).strip()
     text = " ".join(text.split()).strip()
     return text.lower() if lower else text
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token ids of a batch of texts padded to one length, with what each row holds.
+
+    ids: int64 [B, L], <sot> ids <eot> then pad_id; L is the smallest allowed length that fits the longest row.
+    token_counts: int32 [B], ids before the padding (<sot> and <eot> included), <= context_length.
+    truncated: bool [B], the text had more tokens than context_length and its tail was cut (open_clip's rule:
+        the first context_length - 2 ids, then <eot>).
+    """
+
+    ids: np.ndarray
+    token_counts: np.ndarray
+    truncated: np.ndarray
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest of the ascending `buckets` >= `length` (the last bucket when none is).
+
+    E.g. bucket_for(9, (8, 16, 32, 77)) == 16.
+    """
+    i = bisect.bisect_left(buckets, length)
+    return buckets[min(i, len(buckets) - 1)]
 
 
 class TextTokenizer:
@@ -79,8 +105,9 @@ class TextTokenizer:
             raise ValueError(f"pad_id {pad_id} is not in the vocabulary of {path}")
         # The manifest, not the file, decides the shape: open_clip's truncation (keep the first
         # context_length - 2 ids, then <eot>) and right padding with pad_id.
+        # No padding in the HF tokenizer: rows are padded here to a length bucket (or context_length).
         self._tokenizer.enable_truncation(max_length=self.context_length)
-        self._tokenizer.enable_padding(length=self.context_length, pad_id=self.pad_id, pad_token=pad_token)
+        self._tokenizer.no_padding()
 
     @classmethod
     def from_repository(cls, repository: Path | str, manifest: Manifest | None = None) -> "TextTokenizer":
@@ -104,22 +131,52 @@ class TextTokenizer:
             ValueError: a text is empty or only whitespace after open_clip's cleaning (message
                 names its index).
         """
+        return self.encode_padded(texts, (self.context_length,)).ids
+
+    def encode_padded(self, texts: Sequence[str], buckets: Sequence[int] | None = None, *,
+                      cleaned: bool = False) -> TokenBatch:
+        """Token ids for `texts`, padded to the smallest of `buckets` that fits the longest row.
+
+        Args:
+            texts: the texts (raw, or already through `clean` when `cleaned`).
+            buckets: ascending allowed lengths, the last = context_length (manifest `text.buckets`); None =
+                (context_length,), the fixed-length graph's only shape.
+            cleaned: skip open_clip's cleaning (the caller already applied `clean`, e.g. for a cache key).
+
+        Returns:
+            TokenBatch: ids int64 [B, L], token_counts int32 [B], truncated bool [B]; B = 0 gives [0, buckets[0]].
+
+        Raises:
+            TypeError: `texts` is a single str, or an element is not a str.
+            ValueError: a text is empty or only whitespace after cleaning (message names its index); buckets
+                not ascending or not ending at context_length.
+        """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of texts, got a single str")
-        cleaned: list[str] = []
+        buckets = tuple(buckets) if buckets else (self.context_length,)
+        if list(buckets) != sorted(set(buckets)) or buckets[0] < 2 or buckets[-1] != self.context_length:
+            raise ValueError(f"buckets must be ascending in [2, {self.context_length}] and end at context_length, "
+                             f"got {list(buckets)}")
+        prepared: list[str] = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] must be str, got {type(text).__name__}")
-            c = self.clean(text)
+            c = text if cleaned else self.clean(text)
             if not c:
                 raise ValueError(f"texts[{i}] is empty or only whitespace")
-            cleaned.append(c)
-        if not cleaned:
-            return np.zeros((0, self.context_length), dtype=np.int64)
-        encodings = self._tokenizer.encode_batch(cleaned)
-        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-        # guards against a tokenizer.json whose post-processor or padding does not fit the manifest
-        if ids.shape != (len(cleaned), self.context_length):
-            raise ValueError(f"tokenizer {self.path} produced shape {ids.shape}, expected "
-                             f"({len(cleaned)}, {self.context_length})")
-        return ids
+            prepared.append(c)
+        if not prepared:
+            empty = np.zeros(0, dtype=np.int32)
+            return TokenBatch(np.zeros((0, buckets[0]), dtype=np.int64), empty, empty.astype(bool))
+        encodings = self._tokenizer.encode_batch(prepared)
+        counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(encodings))
+        longest = int(counts.max())
+        # guards against a tokenizer.json whose post-processor or truncation does not fit the manifest
+        if longest > self.context_length or int(counts.min()) < 2:
+            raise ValueError(f"tokenizer {self.path} produced rows of {int(counts.min())}..{longest} ids, expected "
+                             f"2..{self.context_length}")
+        ids = np.full((len(encodings), bucket_for(longest, buckets)), self.pad_id, dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            ids[row, : counts[row]] = encoding.ids
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        return TokenBatch(ids, counts, truncated)

@@ -29,12 +29,16 @@ class TensorSpec:
     Attributes:
         name: tensor name in the ONNX graph.
         data_type: Triton `DataType` name, e.g. 'TYPE_UINT8', 'TYPE_INT64', 'TYPE_FP32'.
-        dims: shape without the batch dimension, e.g. (224, 224, 3).
+        dims: shape without the batch dimension, e.g. (224, 224, 3); -1 = any size (e.g. a text tower's
+            sequence length).
+        warmup_dims: the concrete shape of this input's warm-up samples (inputs with a -1 dim need it); None =
+            `dims`.
     """
 
     name: str
     data_type: str
     dims: tuple[int, ...]
+    warmup_dims: tuple[int, ...] | None = None
 
     def data_type_enum(self) -> int:
         """The `DataType` enum value; raises ValueError for an unknown name."""
@@ -114,7 +118,8 @@ def build_model_config(
         warmup = config.model_warmup.add(name=f"zero_batch_{batch_size}", batch_size=batch_size)
         for spec in inputs:
             warmup.inputs[spec.name].CopyFrom(
-                mc.ModelWarmup.Input(data_type=spec.data_type_enum(), dims=list(spec.dims), zero_data=True)
+                mc.ModelWarmup.Input(data_type=spec.data_type_enum(), dims=list(spec.warmup_dims or spec.dims),
+                                     zero_data=True)
             )
     if gpu:
         accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator

@@ -15,9 +15,11 @@ from google.rpc import code_pb2
 from retrieval_service.adapters.gemini import Finished, GenerationEvent, ImageChunk, TextChunk
 from retrieval_service.adapters.milvus import Hit, Row
 from retrieval_service.grpc.status import ErrorMapper
+from retrieval_service.usecases.embed import EmbedBatch
 from retrieval_service.usecases.generate import GenerateRequest, Generation, ReferenceIds, ReferenceQuery
 from retrieval_service.usecases.types import (
     CollectionStats,
+    Embedding,
     ImageQuery,
     IngestItem,
     IngestOutcome,
@@ -81,7 +83,8 @@ def image_record(row: Row | Hit) -> pb.ImageRecord:
 def search_response(page: SearchPage) -> pb.SearchImagesResponse:
     """SearchPage -> SearchImagesResponse (ranks from the page's offset)."""
     response = pb.SearchImagesResponse(model_id=page.model_id, encode_ms=page.encode_ms, search_ms=page.search_ms,
-                                       next_page_token=page.next_page_token)
+                                       next_page_token=page.next_page_token,
+                                       text_truncated=page.text_truncated)
     for rank, hit in enumerate(page.hits, start=page.offset):
         response.results.append(pb.SearchResult(image=image_record(hit), score=hit.score, rank=rank))
     return response
@@ -132,6 +135,40 @@ def ingest_response(outcome: IngestOutcome, errors: ErrorMapper) -> pb.IngestIma
 def ingest_metric_labels(outcome: IngestOutcome, response: pb.IngestImagesResponse) -> tuple[str, str]:
     """(outcome name, google.rpc code name of its error or 'OK'): the labels of vitrine_ingest_images_total."""
     return outcome.outcome, code_pb2.Code.Name(response.error.code) if outcome.error is not None else "OK"
+
+
+def embed_texts_request(request: pb.EmbedTextsRequest) -> list[str]:
+    """EmbedTextsRequest -> the texts, in request order."""
+    return list(request.texts)
+
+
+def embed_images_request(request: pb.EmbedImagesRequest) -> list[bytes]:
+    """EmbedImagesRequest -> the encoded images, in request order."""
+    return list(request.images)
+
+
+def embedding_result(item: Embedding | Exception, errors: ErrorMapper) -> pb.EmbeddingResult:
+    """One item of an EmbedBatch -> EmbeddingResult: the vector (float32 [D] -> `values`) with token_count,
+    truncated and cached; or, for a refused item (its exception), `error` as a `google.rpc.Status` through
+    `errors` (INVALID_ARGUMENT with the field / reason details for bad input)."""
+    if isinstance(item, Exception):
+        return pb.EmbeddingResult(error=errors.status(item))
+    return pb.EmbeddingResult(values=item.vector.tolist(), token_count=item.token_count, truncated=item.truncated,
+                              cached=item.cached)
+
+
+def embed_texts_response(batch: EmbedBatch, errors: ErrorMapper) -> pb.EmbedTextsResponse:
+    """EmbedBatch of texts -> EmbedTextsResponse (one EmbeddingResult per text, request order)."""
+    return pb.EmbedTextsResponse(embeddings=[embedding_result(item, errors) for item in batch.items],
+                                 model_id=batch.model_id, embedding_dim=batch.embedding_dim,
+                                 encode_ms=batch.encode_ms)
+
+
+def embed_images_response(batch: EmbedBatch, errors: ErrorMapper) -> pb.EmbedImagesResponse:
+    """EmbedBatch of images -> EmbedImagesResponse (one EmbeddingResult per image, request order)."""
+    return pb.EmbedImagesResponse(embeddings=[embedding_result(item, errors) for item in batch.items],
+                                  model_id=batch.model_id, embedding_dim=batch.embedding_dim,
+                                  encode_ms=batch.encode_ms)
 
 
 def generate_request(request: pb.GenerateImagesRequest) -> GenerateRequest:

@@ -18,6 +18,7 @@ from retrieval_service.metrics import ServiceMetrics
 from retrieval_service.usecases.catalog import Catalog
 from retrieval_service.usecases.generate import GenerateImages as GenerateUseCase
 from retrieval_service.usecases.ingest import IngestImages as IngestUseCase
+from retrieval_service.usecases.embed import EmbedQueries
 from retrieval_service.usecases.search import SearchImages as SearchUseCase
 from vitrine.v1 import retrieval_service_pb2 as pb
 from vitrine.v1 import retrieval_service_pb2_grpc as pb_grpc
@@ -27,14 +28,15 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
     """The handlers. One instance per server; safe for concurrent calls.
 
     Args:
-        search, ingest, catalog, generate: the use cases.
+        search, ingest, catalog, generate, embed: the use cases.
         errors: exceptions -> statuses (and dependency outages -> health).
         metrics: ingest outcome counters and the open-stream gauge.
     """
 
     def __init__(self, *, search: SearchUseCase, ingest: IngestUseCase, catalog: Catalog, generate: GenerateUseCase,
-                 errors: ErrorMapper, metrics: ServiceMetrics) -> None:
+                 embed: EmbedQueries, errors: ErrorMapper, metrics: ServiceMetrics) -> None:
         self._search = search
+        self._embed = embed
         self._ingest = ingest
         self._catalog = catalog
         self._generate = generate
@@ -104,3 +106,27 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         async with contextlib.aclosing(generation.events) as events:
             async for event in events:
                 yield convert.generation_event(event)
+
+    @unary_errors
+    async def EmbedTexts(self, request: pb.EmbedTextsRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.EmbedTextsResponse:
+        """Embed 1..max_embed_items texts with the text tower; one EmbeddingResult per text, in request order.
+
+        INVALID_ARGUMENT ("texts") for 0 or too many texts; a bad text is that item's INVALID_ARGUMENT `error`
+        ("texts[i]") and the others are embedded; UNAVAILABLE when the encoder is down. See
+        `EmbedQueries.embed_texts`.
+        """
+        batch = await self._embed.embed_texts(convert.embed_texts_request(request))
+        return convert.embed_texts_response(batch, self.errors)
+
+    @unary_errors
+    async def EmbedImages(self, request: pb.EmbedImagesRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.EmbedImagesResponse:
+        """Embed 1..max_embed_items encoded images with the image tower; one EmbeddingResult per image, in order.
+
+        INVALID_ARGUMENT ("images") for 0 or too many images; a bad image is that item's INVALID_ARGUMENT
+        `error` (ErrorInfo reason IMAGE_*) and the others are embedded; UNAVAILABLE when the encoder is down.
+        See `EmbedQueries.embed_images`.
+        """
+        batch = await self._embed.embed_images(convert.embed_images_request(request))
+        return convert.embed_images_response(batch, self.errors)

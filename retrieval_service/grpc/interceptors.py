@@ -1,6 +1,6 @@
 """grpc.aio server interceptors: `RpcObserver` records every RPC in `ServiceMetrics`, tags its log lines with a
-request id and writes its access-log line (metric names: retrieval_service.metrics). Bearer-token auth is
-retrieval_service.grpc.auth.
+request id, writes its access-log line (metric names: retrieval_service.metrics) and sets the call's deadline
+for the adapters (retrieval_service.deadlines). Bearer-token auth is retrieval_service.grpc.auth.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from retrieval_service import deadlines
 from retrieval_service.logs import REQUEST_ID_KEY, bind_request, request_id_from_metadata
 from retrieval_service.metrics import QUIET_PREFIXES, UNKNOWN_RPC, ServiceMetrics, access_log
 
@@ -28,7 +29,10 @@ class RpcObserver(grpc.aio.ServerInterceptor):
     handler returns, raises or the stream ends (also on abort and cancellation) records the status code and
     duration and logs `rpc code duration_ms peer request_id` at INFO (health checks at DEBUG). The status code
     is the one the handler set or aborted with (`context.code()`), CANCELLED / DEADLINE_EXCEEDED when the call
-    was cancelled, UNKNOWN for an unhandled exception (as grpc answers), else OK.
+    was cancelled, UNKNOWN for an unhandled exception (as grpc answers), else OK. (4) It runs the handler
+    inside `deadlines.scope(context.time_remaining())`: every encoder and Milvus call the RPC makes is bounded
+    by the client's deadline (None: no deadline, only the adapters' own timeouts); for a stream
+    (IngestImages) the deadline covers the whole stream.
     """
 
     def __init__(self, metrics: ServiceMetrics) -> None:
@@ -130,8 +134,9 @@ def _wrap_unary(behavior: Callable[..., Any], call: _CallRecorder) -> Callable[.
         error: BaseException | None = None
         try:
             await call.send_request_id(context)
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
+            with deadlines.scope(context.time_remaining()):
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
         except BaseException as exc:
             error = exc
             raise
@@ -148,8 +153,9 @@ def _wrap_stream(behavior: Callable[..., Any], call: _CallRecorder) -> Callable[
             error: BaseException | None = None
             try:
                 await call.send_request_id(context)
-                async for response in behavior(request, context):
-                    yield response
+                with deadlines.scope(context.time_remaining()):
+                    async for response in behavior(request, context):
+                        yield response
             except BaseException as exc:  # incl. GeneratorExit / CancelledError when the call is cancelled
                 error = exc
                 raise

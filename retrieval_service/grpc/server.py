@@ -36,6 +36,8 @@ from retrieval_service.metrics import MetricsHttpServer, ServiceMetrics
 from retrieval_service.settings import Settings
 from retrieval_service.tls import server_credentials
 from retrieval_service.usecases.catalog import Catalog
+from retrieval_service.usecases.embed import EmbedLimits, EmbedQueries
+from retrieval_service.usecases.embedding_cache import EmbeddingCache, build_shared_cache
 from retrieval_service.usecases.generate import GenerateImages
 from retrieval_service.usecases.ingest import IngestImages, IngestLimits
 from retrieval_service.usecases.preprocess import ImageDecoder, ImageLimits
@@ -100,9 +102,19 @@ class RetrievalServer:
         limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
                              min_side=settings.min_image_side)
         decoder = ImageDecoder(self.manifest.image, limits, self.decode_executor)
+        # Prometheus metrics (retrieval_service/metrics.py), one registry per server; served in start().
+        self.metrics = ServiceMetrics()
+        self.cache = EmbeddingCache(settings.cache, shared=build_shared_cache(settings.cache),
+                                    observer=self.metrics)
+        self.embed = EmbedQueries(
+            model_id=self.manifest.model_id, embedding_dim=self.manifest.embedding_dim, tokenizer=self.tokenizer,
+            buckets=text_buckets(self.manifest, settings.text_length_buckets), encoder=self.encoder,
+            decoder=decoder, cache=self.cache,
+            limits=EmbedLimits(max_items=settings.max_embed_items, max_text_chars=settings.max_text_chars),
+        )
         self.search = SearchImages(
-            model_id=self.manifest.model_id, tokenizer=self.tokenizer, encoder=self.encoder, decoder=decoder,
-            store=self.async_store, rerankers=build_rerankers(self.model_reranker), rerank_settings=rr,
+            model_id=self.manifest.model_id, embed=self.embed, store=self.async_store,
+            rerankers=build_rerankers(self.model_reranker), rerank_settings=rr,
             limits=SearchLimits(max_top_k=settings.max_top_k, max_text_chars=settings.max_text_chars),
         )
         self.ingest = IngestImages(
@@ -116,15 +128,13 @@ class RetrievalServer:
         generate = GenerateImages(search=self.search, store=self.async_store, blobs=self.blobs,
                                   generator=self.generator, max_text_chars=settings.max_text_chars,
                                   max_reference_images=gen.max_reference_images)
-        # Prometheus metrics (retrieval_service/metrics.py), one registry per server; served in start().
-        self.metrics = ServiceMetrics()
         self.encoder.call_observer = self.metrics.observe_encoder
         self.store.call_observer = self.metrics.observe_milvus
         self.metrics.track_dependencies(["encoder", "milvus"], lambda: self.health.down)
         self.metrics_http = MetricsHttpServer(self.metrics.registry)
         # --- transport ---
         self.service = RetrievalService(search=self.search, ingest=self.ingest, catalog=catalog, generate=generate,
-                                        errors=self.errors, metrics=self.metrics)
+                                        embed=self.embed, errors=self.errors, metrics=self.metrics)
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -209,6 +219,7 @@ class RetrievalServer:
         if self.model_reranker is not None:
             await self.model_reranker.close()
         await self.generator.close()
+        await self.cache.close()
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
         self.blobs.shutdown()  # bytes of rows being inserted land before exit
         self.async_store.shutdown()
@@ -216,6 +227,28 @@ class RetrievalServer:
     async def wait_for_termination(self) -> None:
         """Block until the gRPC server terminates."""
         await self.grpc_server.wait_for_termination()
+
+
+def text_buckets(manifest: Manifest, configured: list[int]) -> tuple[int, ...]:
+    """The padded lengths text queries use: settings `text_length_buckets`, else the manifest's.
+
+    Raises:
+        ValueError: buckets configured for a fixed-length text graph, or not ascending / not ending at the
+            context length.
+    """
+    text = manifest.text
+    if not configured:
+        return text.buckets
+    buckets = tuple(sorted(set(configured)))
+    if buckets == (text.context_length,):
+        return buckets
+    if not text.dynamic_length:
+        raise ValueError(f"text_length_buckets {configured} need a dynamic-length text tower; the repository's "
+                         f"{text.triton_model!r} takes only {text.context_length} tokens (re-export it)")
+    if buckets[0] < 2 or buckets[-1] != text.context_length:
+        raise ValueError(f"text_length_buckets {configured} must lie in [2, {text.context_length}] and end at the "
+                         f"context length {text.context_length}")
+    return buckets
 
 
 def create_server(settings: Settings) -> RetrievalServer:

@@ -6,6 +6,11 @@ and a `google.rpc.ErrorInfo` with a machine reason, so a client can branch witho
 `ErrorMapper.status(exc)` is the one place where an error becomes a status and the one place where a dependency
 is reported down (health NOT_SERVING until the next successful probe); unary handlers (`unary_errors`),
 streaming handlers (`stream_errors`) and per-item ingest outcomes all go through it.
+
+Deadlines: the caller's deadline is set for every RPC by `retrieval_service.grpc.interceptors.RpcObserver`
+(retrieval_service.deadlines); a call that runs out of the caller's time is DEADLINE_EXCEEDED
+(`DeadlineExceededError`) and does not mark a dependency down; a dependency that does not answer within its
+own timeout setting (`encoder_timeout_s`, `milvus_timeout_s`) while the caller still has time is UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from retrieval_service.adapters.gemini import (
     GenerationPermissionError,
     GenerationQuotaError,
 )
+from retrieval_service.deadlines import DeadlineExceededError
 from retrieval_service.errors import (
     AbortedError,
     DependencyUnavailableError,
@@ -47,6 +53,8 @@ STATUS_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (GenerationQuotaError, code_pb2.RESOURCE_EXHAUSTED),
     (DependencyUnavailableError, code_pb2.UNAVAILABLE),
     (AbortedError, code_pb2.ABORTED),
+    # the caller's own deadline passed (retrieval_service.deadlines): not an outage, health is not affected
+    (DeadlineExceededError, code_pb2.DEADLINE_EXCEEDED),
 )
 #: Dependencies whose outage does not make the service NOT_SERVING (search and ingest work without Gemini).
 NOT_HEALTH_DEPENDENCIES = frozenset({"gemini"})

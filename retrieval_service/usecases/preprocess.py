@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
+import struct
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -56,6 +58,10 @@ _MIME = {
     "BMP": "image/bmp",
     "TIFF": "image/tiff",
 }
+
+
+#: Pillow's DecompressionBombError message ("Image size (400000000 pixels) exceeds limit of ...").
+_PILLOW_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,9 @@ def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = Fal
     Order of checks: byte size, then the header's width * height and shorter side (Pillow's `Image.open`
     only reads the header), then the full decode, so a decompression bomb is refused without allocating
     its pixels. Multi-frame files (GIF, APNG, TIFF) give their first frame, as Pillow and open_clip do.
+    The configured `limits.max_pixels` decides, not Pillow's own guard (`Image.MAX_IMAGE_PIXELS`: Pillow
+    refuses headers above twice that, ~179 MP, inside `Image.open`; see `_open_header`): the message names
+    the image's pixel count and the configured limit, and a limit above Pillow's is honoured.
 
     Args:
         data: the encoded file.
@@ -105,8 +114,8 @@ def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = Fal
 
     Raises:
         ImageRejectedError: reason 'empty', 'too_many_bytes', 'undecodable' (unknown or excluded format,
-            corrupt or truncated data), 'too_many_pixels' (also Pillow's DecompressionBombError),
-            'too_small' or 'unsupported_mode'.
+            corrupt or truncated data), 'too_many_pixels' (width * height above `limits.max_pixels`; the
+            message gives both numbers), 'too_small' or 'unsupported_mode'.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
@@ -118,9 +127,14 @@ def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = Fal
             "too_many_bytes", f"{size} bytes is more than the limit of {limits.max_bytes}"
         )
     try:
-        image = Image.open(io.BytesIO(data), formats=list(limits.formats))
-    except Image.DecompressionBombError as exc:
-        raise ImageRejectedError("too_many_pixels", str(exc)) from exc
+        image = _open_header(data, limits.formats)
+    except Image.DecompressionBombError as exc:  # not even the format's plugin would read the header
+        match = _PILLOW_BOMB_PIXELS.search(str(exc))
+        pixels = f"{match.group(1)} pixels" if match else "more pixels than Pillow's own guard allows"
+        raise ImageRejectedError(
+            "too_many_pixels",
+            f"the image header declares {pixels}, more than the limit of {limits.max_pixels}",
+        ) from exc
     except UnidentifiedImageError as exc:
         raise ImageRejectedError(
             "undecodable", f"not a recognised image; accepted formats: {', '.join(limits.formats)}"
@@ -140,8 +154,11 @@ def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = Fal
             )
         try:
             image.load()
-        except Image.DecompressionBombError as exc:
-            raise ImageRejectedError("too_many_pixels", str(exc)) from exc
+        except Image.DecompressionBombError as exc:  # a frame of a GIF / TIFF / WebP larger than the header
+            raise ImageRejectedError(
+                "too_many_pixels", f"{width}x{height}: a frame is larger than the header says ({exc}); the "
+                                   f"limit is {limits.max_pixels} pixels"
+            ) from exc
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
             # OSError covers 'image file is truncated' and zlib/decoder errors.
             raise ImageRejectedError(
@@ -158,6 +175,39 @@ def decode_image(data: bytes, limits: ImageLimits, *, exif_transpose: bool = Fal
             ) from exc
 
 
+def _open_header(data: bytes, formats: Sequence[str] | None) -> Image.Image:
+    """`Image.open(data, formats)` (reads the header only), but leaving the pixel limit to the caller.
+
+    `formats` None: every registered format, as `Image.open(data)`.
+
+    Pillow's `Image.open` raises DecompressionBombError for a header above 2 * `Image.MAX_IMAGE_PIXELS`
+    (178,956,970 pixels by default) before the caller sees the size, so its own message (and threshold) would
+    replace the configured limit. Then the header is read again by the first accepting format's plugin
+    factory, from the registry `Image.register_open` fills (`Image.OPEN`), which is what `Image.open` calls
+    minus that check; the caller compares the size with its limit before decoding anything. The process-wide
+    `Image.MAX_IMAGE_PIXELS` is left alone (other Pillow users keep Pillow's guard).
+
+    Raises:
+        What `Image.open` raises (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError);
+        DecompressionBombError when the plugin itself refuses (e.g. a GIF whose first frame is larger than
+        its logical screen, checked while the header is read).
+    """
+    try:
+        return Image.open(io.BytesIO(data), formats=None if formats is None else list(formats))
+    except Image.DecompressionBombError as bomb:
+        prefix = bytes(data[:16])  # what Image.open hands each plugin's `accept`
+        for name in Image.ID if formats is None else formats:
+            factory, accept = Image.OPEN[name.upper()]
+            accepted = not accept or accept(prefix)
+            if not accepted or isinstance(accepted, str):  # a str is Pillow's "looks like it, but" warning
+                continue
+            try:
+                return factory(io.BytesIO(data), "")
+            except (SyntaxError, IndexError, TypeError, struct.error):  # not this format: Image.open goes on
+                continue
+        raise bomb
+
+
 def image_format(data: bytes) -> str:
     """Return the MIME type of an encoded image from the format Pillow detects in its header.
 
@@ -169,7 +219,7 @@ def image_format(data: bytes) -> str:
         format has no registered MIME type.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _open_header(data, None) as image:
             fmt = image.format or ""
             return _MIME.get(fmt) or Image.MIME.get(fmt) or "application/octet-stream"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):

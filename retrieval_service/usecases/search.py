@@ -1,7 +1,8 @@
 """The SearchImages use case: a text, image or stored-image query -> one page of ranked stored images.
 
     validate the request (top_k, min_score, query, filter, page token, rerank fields; each once, here)
-    -> embed the query (tokenizer + text tower, decoder + image tower, or the stored vector)
+    -> embed the query (retrieval_service.usecases.embed: query embedding cache, else tokenizer + length bucket +
+       text tower or decoder + image tower; or the stored vector)
     -> Milvus search (top_k at `offset`, or the rerank window with stored vectors)
     -> rerank (retrieval_service.usecases.rerank) -> min_score -> the page and its next_page_token
 
@@ -18,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval_service.adapters.milvus import MILVUS_MAX_WINDOW, AsyncVectorStore, Hit, validate_filter
-from retrieval_service.adapters.triton.encoder import EncoderClient
 from retrieval_service.errors import FieldError, InvalidInputError, NotFoundError
 from retrieval_service.usecases.pagination import decode_page_token, encode_page_token, query_fingerprint
-from retrieval_service.usecases.preprocess import ImageDecoder
+from retrieval_service.usecases.embed import EmbedQueries
 from retrieval_service.usecases.rerank import (
     Reranker,
     RerankMethod,
@@ -38,7 +38,6 @@ from retrieval_service.usecases.types import (
     TextQuery,
     require_image_id,
 )
-from vitrine.tokenizer import TextTokenizer
 
 #: top_k of a request that leaves it unset (proto3 0).
 DEFAULT_TOP_K = 10
@@ -58,22 +57,18 @@ class SearchImages:
 
     Args:
         model_id: the manifest's model id, reported with every page.
-        tokenizer: text -> int64 [1, L] token ids for the text tower.
-        encoder: the Triton towers (image uint8 [B, H, W, 3] / text int64 [B, L] -> float32 [B, D]).
-        decoder: encoded query images -> uint8 [H, W, 3] pixels.
+        embed: text and image queries -> embeddings (length buckets, encoder, query embedding cache).
         store: the collection (async).
         rerankers: one Reranker per available method (built once, `rerank.build_rerankers`).
         rerank_settings: defaults and bounds of the rerank fields.
         limits: top_k and text bounds.
     """
 
-    def __init__(self, *, model_id: str, tokenizer: TextTokenizer, encoder: EncoderClient, decoder: ImageDecoder,
-                 store: AsyncVectorStore, rerankers: Mapping[RerankMethod, Reranker],
-                 rerank_settings: RerankSettings, limits: SearchLimits) -> None:
+    def __init__(self, *, model_id: str, embed: EmbedQueries, store: AsyncVectorStore,
+                 rerankers: Mapping[RerankMethod, Reranker], rerank_settings: RerankSettings,
+                 limits: SearchLimits) -> None:
         self.model_id = model_id
-        self._tokenizer = tokenizer
-        self._encoder = encoder
-        self._decoder = decoder
+        self._embed = embed
         self._store = store
         self._rerankers = rerankers
         self._rerank_settings = rerank_settings
@@ -115,8 +110,7 @@ class SearchImages:
         except InvalidInputError as exc:
             raise FieldError("rerank", str(exc)) from exc
 
-        t0 = time.perf_counter()
-        vector = await self.embed(query)
+        vector, encode_ms, text_truncated = await self.embed(query)
         t1 = time.perf_counter()
         if plan.method == RerankMethod.NONE:
             hits = (await self._store.search(vector[None, :], top_k, offset=offset, filter=expr))[0]
@@ -133,10 +127,12 @@ class SearchImages:
         if len(hits) == top_k and offset + top_k < window_end:
             next_token = encode_page_token(offset + top_k, fingerprint)
         return SearchPage(hits=hits, offset=offset, next_page_token=next_token, model_id=self.model_id,
-                          encode_ms=(t1 - t0) * 1e3, search_ms=(t2 - t1) * 1e3)
+                          encode_ms=encode_ms, search_ms=(t2 - t1) * 1e3, text_truncated=text_truncated)
 
-    async def embed(self, query: Query) -> np.ndarray:
-        """The query's embedding, float32 [D] (L2-normalized by the encoder; a stored image's stored vector).
+    async def embed(self, query: Query) -> tuple[np.ndarray, float, bool]:
+        """The query's embedding float32 [D] (L2-normalized by the encoder; a stored image's stored vector), the
+        encode time in ms (0 on a query embedding cache hit or a stored vector) and whether the text was
+        truncated to the context length.
 
         Raises:
             FieldError: empty or too long text, text with nothing left after cleaning, empty image, bad image_id.
@@ -145,30 +141,17 @@ class SearchImages:
             DependencyUnavailableError: the encoder or Milvus is down.
         """
         if isinstance(query, TextQuery):
-            text = query.text.strip()
-            if not text:
-                raise FieldError("text", "text is empty")
-            if len(query.text) > self._limits.max_text_chars:
-                raise FieldError("text", f"text has {len(query.text)} characters; the limit is "
-                                         f"{self._limits.max_text_chars}")
-            try:
-                ids = self._tokenizer.encode_batch([text])
-            except ValueError as exc:  # e.g. only control characters: nothing left after open_clip's cleaning
-                raise FieldError("text", f"text has nothing to search for after cleaning ({exc})") from exc
-            return (await self._encoder.encode_texts(ids))[0]
+            embedding, encode_ms = await self._embed.embed_text(query.text, field="text")
+            return embedding.vector, encode_ms, embedding.truncated
         if isinstance(query, ImageQuery):
-            if not query.content:
-                raise FieldError("image", "image is empty: send the encoded image bytes")
-            (pixels,) = await self._decoder.decode([query.content])
-            if isinstance(pixels, Exception):
-                pixels.field = "image"
-                raise pixels
-            return (await self._encoder.encode_images(pixels[None]))[0]
+            embedding, encode_ms = await self._embed.embed_image(query.content, field="image")
+            return embedding.vector, encode_ms, False
         image_id = require_image_id(query.image_id)
+        started = time.perf_counter()
         rows = await self._store.get([image_id], with_vectors=True)
         if not rows:
             raise NotFoundError(f"image {image_id} is not in the collection")
-        return np.asarray(rows[0].embedding, dtype=np.float32)
+        return np.asarray(rows[0].embedding, dtype=np.float32), (time.perf_counter() - started) * 1e3, False
 
 
 def _query_key(query: Query) -> str | bytes:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+import numpy as np
+
 from retrieval_service.adapters.milvus import Hit, Row
 from retrieval_service.errors import FieldError
 from vitrine.image_ids import is_image_id
@@ -76,8 +78,27 @@ class SearchPage:
     offset: int
     next_page_token: str
     model_id: str
-    encode_ms: float
+    encode_ms: float  # 0 on a query embedding cache hit
     search_ms: float
+    text_truncated: bool = False  # the text query had more tokens than the context length (tail cut)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One query's embedding, as the embed use case and the query embedding cache hand it around.
+
+    vector: float32 [D], L2-normalized (D = the manifest's embedding_dim).
+    token_count: for a text, the token ids fed to the text tower including <sot> and <eot>, after truncation
+        (<= the model's context length); 0 for an image.
+    truncated: the text had more tokens than the context length and its tail was cut (open_clip's rule: the first
+        context_length - 2 ids, then <eot>); always False for an image.
+    cached: served from the query embedding cache (no encoder call for it).
+    """
+
+    vector: np.ndarray
+    token_count: int = 0
+    truncated: bool = False
+    cached: bool = False
 
 
 @dataclass(frozen=True)

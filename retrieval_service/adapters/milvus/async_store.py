@@ -4,11 +4,19 @@ pymilvus' `MilvusClient` is synchronous; the use cases are coroutines on the ser
 gives them typed async methods (the same arguments, results and exceptions as `VectorStore`, see there) and
 keeps blocking Milvus calls off the loop, in `executor` (4 threads by default: Milvus Lite serializes in its
 own process, a Milvus server gains little from more concurrent calls from one client).
+
+Deadlines (retrieval_service.deadlines): `loop.run_in_executor` does not carry contextvars into the thread, so
+each call runs in a copy of the caller's context (`contextvars.copy_context().run`): the store's pymilvus
+calls see the caller's deadline and take `remaining(...)` as their timeouts. The caller's wait is bounded too:
+with a deadline, the coroutine gives up at the deadline (`DeadlineExceededError`) even if the thread is stuck
+(it finishes, or times out, on its own; its result is dropped); a call still queued behind busy threads at its
+deadline is cancelled and never reaches Milvus, and one whose deadline passes as it starts fails at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -18,6 +26,7 @@ import numpy as np
 
 from retrieval_service.adapters.milvus.schema import Hit, Row
 from retrieval_service.adapters.milvus.store import VectorStore
+from retrieval_service.deadlines import DeadlineExceededError, check, time_left
 
 T = TypeVar("T")
 
@@ -30,8 +39,28 @@ class AsyncVectorStore:
         self.executor = executor or ThreadPoolExecutor(4, thread_name_prefix="vitrine-milvus")
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in the executor, in a copy of the caller's context, waited for at most until
+        the caller's deadline.
+
+        Raises:
+            DeadlineExceededError: the caller's deadline passed before the call, or before it finished.
+            whatever `fn` raises.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        check()  # a deadline already passed fails before queueing
+        context = contextvars.copy_context()
+        future = loop.run_in_executor(self.executor, context.run, functools.partial(fn, *args, **kwargs))
+        left = time_left()
+        if left is None:
+            return await future
+        done, _ = await asyncio.wait({future}, timeout=max(left, 0.0))
+        if not done:
+            future.cancel()  # a queued call never starts; a running one finishes (or times out) unobserved
+            raise DeadlineExceededError(
+                f"Milvus call {getattr(fn, '__name__', 'call')} on {self.sync.collection!r} did not finish "
+                "before the caller's deadline"
+            )
+        return future.result()
 
     @property
     def collection(self) -> str:

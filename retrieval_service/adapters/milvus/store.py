@@ -24,6 +24,13 @@ Design decisions:
   before the delete, under this object's write lock: Milvus' own delete_count is the number of ids
   *requested* (server) or a list of requested ids (Lite), not rows actually deleted.
 
+Deadlines: every pymilvus call's `timeout` is `remaining(cap)` (retrieval_service.deadlines): the current
+caller's time left, at most the call's own cap (`timeout_s`, or the 60 s floor of open / flush / Lite writes).
+The deadline is a contextvar of the calling thread's context (AsyncVectorStore runs each call in a copy of the
+caller's context). A call that fails once the caller's deadline has passed raises `DeadlineExceededError`
+(DEADLINE_EXCEEDED, not an outage: the collection is not re-opened and health is unaffected); one that times
+out on its own cap while the caller still has time is DependencyUnavailableError('milvus') as before.
+
 Thread safety: one `VectorStore` may be used from many threads (the gRPC servicer calls it from a thread
 pool). Reads run concurrently; writes (insert, delete) and (re)opening are serialized by a lock.
 """
@@ -69,6 +76,7 @@ from retrieval_service.adapters.milvus.schema import (
     stored_model_id,
     to_entity,
 )
+from retrieval_service.deadlines import DeadlineExceededError, expired, remaining
 from retrieval_service.errors import CollectionMismatchError, DependencyUnavailableError, InvalidInputError
 from retrieval_service.tls import ClientTlsSettings, milvus_tls_kwargs
 
@@ -106,7 +114,8 @@ class VectorStore:
             token: Milvus token ('user:password' or an API key); '' for none.
             model_id: the encoder's model id. Recorded at creation; `open()` refuses a collection recorded
                 with another model id. '' accepts any collection (read-only tools).
-            timeout_s: deadline of each Milvus call, seconds (open uses at least 60 s).
+            timeout_s: deadline of each Milvus call, seconds (open uses at least 60 s); a call made for a
+                caller with less time left gets that instead (retrieval_service.deadlines).
             tls: TLS to a Milvus server (retrieval_service.tls); None or disabled = as the URI says
                 (https:// turns TLS on with the system roots).
 
@@ -159,20 +168,21 @@ class VectorStore:
 
         Raises:
             DependencyUnavailableError: Milvus cannot be reached (or Milvus Lite cannot open its file).
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
             CollectionMismatchError: the collection exists with another dim, model id or schema.
         """
         with self._lock, self._translate("open"):
             client = self._connect()
-            timeout = max(self.timeout_s, 60.0)
-            if not client.has_collection(self.collection, timeout=timeout):
+            timeout = max(self.timeout_s, 60.0)  # the cap of each call; the caller's deadline may cut it
+            if not client.has_collection(self.collection, timeout=remaining(timeout)):
                 try:
                     self._create(client, timeout)
                 except MilvusException:
                     # another process may have created it between the two calls; then check theirs
-                    if not client.has_collection(self.collection, timeout=timeout):
+                    if not client.has_collection(self.collection, timeout=remaining(timeout)):
                         raise
             self._check_existing(client, timeout)
-            client.load_collection(self.collection, timeout=timeout)
+            client.load_collection(self.collection, timeout=remaining(timeout))
             self._opened = True
 
     def close(self) -> None:
@@ -197,7 +207,8 @@ class VectorStore:
                     "grpc.keepalive_permit_without_calls": 0,
                 }
             kwargs.update(self._tls_kwargs)
-            self._client = MilvusClient(uri=self.uri, token=self._token, timeout=self.timeout_s, **kwargs)
+            self._client = MilvusClient(uri=self.uri, token=self._token, timeout=remaining(self.timeout_s),
+                                        **kwargs)
         return self._client
 
     def _create(self, client: MilvusClient, timeout: float) -> None:
@@ -207,13 +218,13 @@ class VectorStore:
             index_params=self.index.index_spec(),
             consistency_level="Strong",
             properties=collection_properties(self.model_id),
-            timeout=timeout,
+            timeout=remaining(timeout),
         )
         log.info("created Milvus collection %s (dim %d, %s, model %s)", self.collection, self.dim,
                  self.index.index_type, self.model_id or "-")
 
     def _check_existing(self, client: MilvusClient, timeout: float) -> None:
-        desc = client.describe_collection(self.collection, timeout=timeout)
+        desc = client.describe_collection(self.collection, timeout=remaining(timeout))
         check_fields(self.collection, desc, self.dim)
         stored = stored_model_id(desc)
         self._stored_model_id = stored
@@ -222,11 +233,11 @@ class VectorStore:
                 f"collection {self.collection!r} holds embeddings of model {stored or '(unrecorded)'!r}, "
                 f"not {self.model_id!r}; use another collection name (vitrine derives one per model)"
             )
-        indexes = client.list_indexes(self.collection, field_name=VECTOR.name, timeout=timeout)
+        indexes = client.list_indexes(self.collection, field_name=VECTOR.name, timeout=remaining(timeout))
         if not indexes:
-            client.create_index(self.collection, self.index.index_spec(), timeout=timeout)
-            indexes = client.list_indexes(self.collection, field_name=VECTOR.name, timeout=timeout)
-        info = client.describe_index(self.collection, indexes[0], timeout=timeout)
+            client.create_index(self.collection, self.index.index_spec(), timeout=remaining(timeout))
+            indexes = client.list_indexes(self.collection, field_name=VECTOR.name, timeout=remaining(timeout))
+        info = client.describe_index(self.collection, indexes[0], timeout=remaining(timeout))
         self._index_type = str(info.get("index_type", self.index.index_type))
         self._index_params = built_params(info)
         if info.get("metric_type", "COSINE") != "COSINE":
@@ -254,6 +265,9 @@ class VectorStore:
     def _translate(self, operation: str, filter_expr: str = "") -> Iterator[None]:
         """Map pymilvus / gRPC exceptions to this service's typed errors (`errors.map_error`).
 
+        A failure once the caller's deadline has passed (retrieval_service.deadlines) is
+        DeadlineExceededError, whatever pymilvus raised (its timeout was the caller's time left), and does not
+        re-open the collection.
         Reports the call to `call_observer` (operation, seconds, failed); an input error is not a failure.
         """
         started = time.perf_counter()
@@ -264,9 +278,14 @@ class VectorStore:
         except InvalidInputError:
             failed = False  # the request's fault (e.g. a filter Milvus cannot parse), not Milvus'
             raise
-        except (DependencyUnavailableError, CollectionMismatchError):
+        except (DependencyUnavailableError, CollectionMismatchError, DeadlineExceededError):
             raise
         except MILVUS_EXCEPTIONS as exc:
+            if expired():
+                raise DeadlineExceededError(
+                    f"the caller's deadline passed during {operation} on {self.collection!r} "
+                    f"at {redact_uri(self.uri)} ({type(exc).__name__}: {exc})"
+                ) from exc
             mapped = map_error(exc, where=f"{operation} on {self.collection!r} at {redact_uri(self.uri)}",
                                operation=operation, is_lite=self.is_lite, filter_expr=filter_expr)
             if mapped is None:
@@ -310,6 +329,7 @@ class VectorStore:
         Raises:
             InvalidInputError: an id is not 64 lowercase hex characters.
             DependencyUnavailableError: Milvus is unreachable.
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
         """
         found: set[str] = set()
         exprs = list(self._ids_exprs(ids))
@@ -318,7 +338,7 @@ class VectorStore:
             for _, expr in exprs:
                 rows = client.query(
                     self.collection, filter=expr, output_fields=[PRIMARY.name], consistency_level=consistency,
-                    timeout=self.timeout_s,
+                    timeout=remaining(self.timeout_s),
                 )
                 found.update(r[PRIMARY.name] for r in rows)
         return found
@@ -337,6 +357,7 @@ class VectorStore:
         Raises:
             InvalidInputError: a row is malformed (id, embedding shape/values, filename, time, metadata).
             DependencyUnavailableError: Milvus is unreachable.
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
         """
         data = list({r.id: to_entity(r) for r in (check_row(row, self.dim) for row in rows)}.values())
         if not data:
@@ -347,7 +368,8 @@ class VectorStore:
         with self._lock, self._translate("insert"):
             client = self._ready()
             for start in range(0, len(data), _ROWS_PER_UPSERT):
-                client.upsert(self.collection, data[start : start + _ROWS_PER_UPSERT], timeout=timeout)
+                client.upsert(self.collection, data[start : start + _ROWS_PER_UPSERT],
+                              timeout=remaining(timeout))
         return len(data)
 
     def flush(self, *, seal: bool = False) -> None:
@@ -358,11 +380,12 @@ class VectorStore:
 
         Raises:
             DependencyUnavailableError: Milvus is unreachable.
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
         """
         if not (self.is_lite or seal):
             return
         with self._translate("flush"):
-            self._ready().flush(self.collection, timeout=max(self.timeout_s, 60.0))
+            self._ready().flush(self.collection, timeout=remaining(max(self.timeout_s, 60.0)))
 
     def search(
         self,
@@ -396,6 +419,7 @@ class VectorStore:
             InvalidFilterError: `filter` is outside the grammar of retrieval_service.adapters.milvus.filters (the
                 message names the token and position), or Milvus cannot parse it (its message included).
             DependencyUnavailableError: Milvus is unreachable.
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
         """
         queries = check_queries(vectors, self.dim)
         check_window(top_k, offset)
@@ -414,7 +438,7 @@ class VectorStore:
                 search_params={"metric_type": "COSINE", "params": self._search_params(int(offset + top_k))},
                 anns_field=VECTOR.name,
                 consistency_level=_READ_CONSISTENCY,
-                timeout=self.timeout_s,
+                timeout=remaining(self.timeout_s),
             )
         out: list[list[Hit]] = []
         for hits in results:
@@ -436,6 +460,7 @@ class VectorStore:
         Raises:
             InvalidInputError: an id is malformed.
             DependencyUnavailableError: Milvus is unreachable.
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
         """
         fields = output_fields(with_vectors)
         exprs = list(self._ids_exprs(ids))
@@ -445,7 +470,7 @@ class VectorStore:
             for _, expr in exprs:
                 for r in client.query(
                     self.collection, filter=expr, output_fields=fields, consistency_level=_READ_CONSISTENCY,
-                    timeout=self.timeout_s,
+                    timeout=remaining(self.timeout_s),
                 ):
                     row = row_of(r, with_vectors=with_vectors)
                     by_id[row.id] = row
@@ -461,6 +486,7 @@ class VectorStore:
             InvalidInputError: both or neither given, an empty filter, or a malformed id.
             InvalidFilterError: `filter` is outside the grammar, or Milvus cannot parse it.
             DependencyUnavailableError: Milvus is unreachable.
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
         """
         if (ids is None) == (filter is None):
             raise InvalidInputError("delete needs exactly one of ids and filter")
@@ -470,7 +496,7 @@ class VectorStore:
                 with self._translate("delete"):
                     client = self._ready()
                     for _, expr in self._ids_exprs(sorted(present)):
-                        client.delete(self.collection, filter=expr, timeout=self.timeout_s)
+                        client.delete(self.collection, filter=expr, timeout=remaining(self.timeout_s))
                 return len(present)
             expr = self._check_filter(filter)
             if not expr:
@@ -481,7 +507,7 @@ class VectorStore:
             matched = self.count(expr)
             if matched:
                 with self._translate("delete", expr):
-                    self._ready().delete(self.collection, filter=expr, timeout=self.timeout_s)
+                    self._ready().delete(self.collection, filter=expr, timeout=remaining(self.timeout_s))
             return matched
 
     def count(self, filter: str = "") -> int:  # noqa: A002
@@ -490,12 +516,13 @@ class VectorStore:
         Raises:
             InvalidFilterError: `filter` is outside the grammar, or Milvus cannot parse it.
             DependencyUnavailableError: Milvus is unreachable.
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
         """
         expr = self._check_filter(filter)
         with self._translate("count", expr):
             rows = self._ready().query(
                 self.collection, filter=expr, output_fields=["count(*)"], consistency_level="Strong",
-                timeout=self.timeout_s,
+                timeout=remaining(self.timeout_s),
             )
         return int(rows[0]["count(*)"])
 
@@ -505,6 +532,7 @@ class VectorStore:
 
         Raises:
             DependencyUnavailableError: Milvus is unreachable.
+            DeadlineExceededError: the caller's deadline passed (retrieval_service.deadlines).
         """
         count = self.count()
         return {

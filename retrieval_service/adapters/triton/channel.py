@@ -10,6 +10,12 @@ subclasses (`EncoderClient`, `ModelReranker`):
   subclass'), filled on first use under one asyncio lock and cleared after an outage;
 - `infer` (one request, errors translated) and `infer_in_chunks` (a batch split by max_batch_size).
 
+Deadlines: an inference request and a first-use config check get `remaining(timeout_s)` as their gRPC deadline
+(retrieval_service.deadlines): the caller's time left, at most `timeout_s`. A request that fails once the
+caller's deadline has passed raises `DeadlineExceededError` (DEADLINE_EXCEEDED; health unaffected); one that
+times out on `timeout_s` with the caller's time left is DependencyUnavailableError('encoder') (UNAVAILABLE).
+Readiness probes (`is_model_ready`, run by the health monitor) keep `timeout_s` as theirs.
+
 The reranker is served by the same Triton as the encoder towers, so every outage is reported as the
 encoder's (`DEPENDENCY`).
 """
@@ -28,6 +34,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from retrieval_service.deadlines import DeadlineExceededError, expired, remaining
 from retrieval_service.errors import DependencyUnavailableError
 from retrieval_service.tls import ClientTlsSettings, client_channel_credentials
 
@@ -63,7 +70,8 @@ class TritonChannel(Generic[ConfigT]):
     Args:
         url: Triton KServe v2 gRPC endpoint `host:port` (a `dns:///name:8001` URL spreads calls over
             every address the name resolves to).
-        timeout_s: deadline of one gRPC call (one inference request, one readiness probe), seconds.
+        timeout_s: deadline of one gRPC call (one inference request, one readiness probe), seconds; a request
+            made for a caller with less time left gets that instead (retrieval_service.deadlines).
         tls: connect with TLS per these settings (see `use_tls`); None = plaintext.
 
     `close()` is idempotent and the next call opens a new channel, so a client survives a Triton restart.
@@ -154,10 +162,15 @@ class TritonChannel(Generic[ConfigT]):
             gone_is_down: NOT_FOUND (unknown model) also means unavailable, for models already checked.
 
         Returns:
-            The exception to raise (`raise channel.translate(exc, ...) from exc`).
+            The exception to raise (`raise channel.translate(exc, ...) from exc`); DeadlineExceededError when
+            the current caller's deadline (retrieval_service.deadlines) has passed, whatever the status: the
+            call was cut by the caller's time, which says nothing about Triton's health.
         """
         status = exc.status()
         detail = describe_error(exc)
+        if expired():
+            return DeadlineExceededError(
+                f"the caller's deadline passed during {what} on {self.subject} at {self.url} ({detail})")
         if status in UNAVAILABLE_CODES or (gone_is_down and status == NOT_FOUND):
             return DependencyUnavailableError(DEPENDENCY, f"Triton at {self.url} failed {what} ({detail})")
         return self.error_class(f"{self.subject} at {self.url} failed {what} ({detail})")
@@ -190,7 +203,11 @@ class TritonChannel(Generic[ConfigT]):
     async def checked(self, model: str) -> ConfigT:
         """The checked config of `model`: read and checked on first use (and again after an outage).
 
+        The check's two calls are bounded by `remaining(timeout_s)` (the caller's time left, at most
+        timeout_s).
+
         Raises:
+            DeadlineExceededError: the caller's deadline passed.
             DependencyUnavailableError: Triton is down, or the model is not ready (unknown or loading).
             mismatch_class: the served config does not pass `_check_config`.
             error_class: any other failure reading the config.
@@ -214,12 +231,12 @@ class TritonChannel(Generic[ConfigT]):
     async def _read_config(self, model: str) -> model_config_pb2.ModelConfig:
         client = self._get_client()
         try:
-            if not await client.is_model_ready(model, client_timeout=self.timeout_s):
+            if not await client.is_model_ready(model, client_timeout=remaining(self.timeout_s)):
                 raise DependencyUnavailableError(
                     DEPENDENCY,
                     f"Triton at {self.url}: model {model!r} is not ready (unknown or still loading)",
                 )
-            return (await client.get_model_config(model, client_timeout=self.timeout_s)).config
+            return (await client.get_model_config(model, client_timeout=remaining(self.timeout_s))).config
         except InferenceServerException as exc:
             what = f"config check of {model!r}"
             raise self.translate(exc, what, gone_is_down=self.unknown_model_is_down) from exc
@@ -228,13 +245,19 @@ class TritonChannel(Generic[ConfigT]):
     async def infer(self, model: str, inputs: Sequence[InferInput], output: str) -> np.ndarray | None:
         """One inference request on `model`; returns `output` as Triton sent it (None when absent).
 
+        Its gRPC deadline is `remaining(timeout_s)`: the caller's time left (retrieval_service.deadlines), at
+        most `timeout_s` seconds.
+
         Raises:
-            DependencyUnavailableError: Triton is down, timed out, or the model vanished (NOT_FOUND).
+            DeadlineExceededError: the caller's deadline passed (before the request, or while it ran).
+            DependencyUnavailableError: Triton is down, did not answer within `timeout_s`, or the model
+                vanished (NOT_FOUND).
             error_class: any other server-side failure.
         """
         try:
             result = await self._get_client().infer(
-                model, list(inputs), outputs=[InferRequestedOutput(output)], client_timeout=self.timeout_s
+                model, list(inputs), outputs=[InferRequestedOutput(output)],
+                client_timeout=remaining(self.timeout_s),
             )
         except InferenceServerException as exc:
             raise self.translate(exc, f"inference on {model!r}", gone_is_down=True) from exc

@@ -22,6 +22,7 @@ from tritonclient.grpc import InferInput, model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from retrieval_service.adapters.triton.channel import TritonChannel, TritonError
+from retrieval_service.deadlines import DeadlineExceededError
 from retrieval_service.errors import DependencyUnavailableError, InvalidInputError
 from vitrine.manifest import ImageTower, Manifest, TextTower
 
@@ -83,7 +84,9 @@ class EncoderClient(TritonChannel[_Tower]):
         self.manifest = manifest
         height, width = manifest.image.size
         self._image = _Tower.of(manifest.image, np.uint8, "UINT8", (height, width, 3), kind="image")
-        self._text = _Tower.of(manifest.text, np.int64, "INT64", (manifest.text.context_length,), kind="text")
+        # A dynamic-length text tower takes int64 [B, L] for any L <= context_length (config.pbtxt dims [-1]).
+        text_shape = (-1,) if manifest.text.dynamic_length else (manifest.text.context_length,)
+        self._text = _Tower.of(manifest.text, np.int64, "INT64", text_shape, kind="text")
         self._towers = {tower.model: tower for tower in (self._image, self._text)}
         # Called after each inference request with (tower "image" | "text", seconds, failed); metrics hook.
         self.call_observer: Callable[[str, float, bool], None] | None = None
@@ -112,7 +115,9 @@ class EncoderClient(TritonChannel[_Tower]):
         """Embed tokenized texts with the text tower.
 
         Args:
-            input_ids: int64 [B, L], L = manifest.text.context_length (open_clip token ids, padded).
+            input_ids: int64 [B, L] open_clip token ids, padded; L = manifest.text.context_length, or for a
+                `dynamic_length` tower any 2 <= L <= context_length (a length bucket, so that Triton's dynamic
+                batcher merges requests of one length).
 
         Returns:
             float32 [B, D], each row L2-normalized; [0, D] for B = 0.
@@ -124,6 +129,9 @@ class EncoderClient(TritonChannel[_Tower]):
             EncoderError: any other server-side failure or a malformed response.
         """
         self._validate(input_ids, self._text, "input_ids", "[B, L] token ids")
+        if not 2 <= input_ids.shape[1] <= self.manifest.text.context_length:
+            raise InvalidInputError(f"input_ids must have shape [B, L] with 2 <= L <= context length "
+                                    f"{self.manifest.text.context_length}, got {list(input_ids.shape)}")
         return await self._encode(self._text, input_ids)
 
     async def ready(self) -> bool:
@@ -163,7 +171,7 @@ class EncoderClient(TritonChannel[_Tower]):
         if array.dtype != tower.input_dtype:
             raise InvalidInputError(f"{name} must have dtype {tower.input_dtype}, got {array.dtype}")
         expected = ("B", *tower.input_shape)
-        if array.ndim != 1 + len(tower.input_shape) or tuple(array.shape[1:]) != tower.input_shape:
+        if array.ndim != 1 + len(tower.input_shape) or not _dims_match(tower.input_shape, array.shape[1:]):
             raise InvalidInputError(
                 f"{name} must have shape {list(expected)} {layout} for model {tower.model!r}, "
                 f"got {list(array.shape)}"
@@ -229,7 +237,7 @@ class EncoderClient(TritonChannel[_Tower]):
         started = time.perf_counter()
         try:
             embedding = await self.infer(tower.model, [infer_input], tower.output_name)
-        except (DependencyUnavailableError, EncoderError):
+        except (DependencyUnavailableError, EncoderError, DeadlineExceededError):
             self._observe(tower, started, failed=True)
             raise
         self._observe(tower, started, failed=False)
@@ -243,5 +251,5 @@ class EncoderClient(TritonChannel[_Tower]):
 
 
 def _dims_match(served: Sequence[int], expected: Sequence[int]) -> bool:
-    """Triton dims vs expected per-item shape; -1 in the served config accepts any size."""
+    """Triton dims vs expected per-item shape; -1 in `served` accepts any size (-1 in `expected` only -1)."""
     return len(served) == len(expected) and all(s == e or s == -1 for s, e in zip(served, expected))
