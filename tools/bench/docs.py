@@ -15,7 +15,7 @@ from typing import Any
 from tools.bench.report import BenchResult, Target, read_result
 
 # Section order on the page; results with other names follow in name order.
-ORDER = ("encoder", "search", "ingest", "scale", "quantization")
+ORDER = ("encoder", "search", "search_text", "ingest", "scale", "quantization")
 
 
 def _fmt(value: Any) -> str:

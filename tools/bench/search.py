@@ -13,6 +13,10 @@ Filter on: `metadata["bench_shard"] == 3` (about a tenth of the rows).
 The reference for the latency target is the text tower alone: one tokenized query sent to Triton with
 tritonclient (batch 1, one at a time) — "text-encode p50". For the target it is measured interleaved with text
 SearchImages calls at one client (encode, search, encode, search, ...), so both see the same load on shared cores.
+The text queries of the sweep repeat TEXT_QUERIES, so after the first round they are query embedding cache hits
+(encode_ms 0); the no-hit text path, the length buckets and the cache are measured by tools/bench/search_text.py
+(result "search_text").
+
 Targets (issue 5): text search p50 at one client <= text-encode p50 + 10 ms (filter off and on); p99 <= 2x p50 at
 32 concurrent clients (the sweep's highest point; text and image queries, filter off).
 """
@@ -33,6 +37,7 @@ import tritonclient.grpc as triton_grpc
 
 from retrieval_service.usecases.preprocess import ImageLimits, preprocess_batch
 from tools.bench.report import BenchResult, Target, percentiles, write_result
+from tools.bench.search_text import text_points
 from tools.bench.stack import (
     BenchImage,
     BenchStack,
@@ -367,6 +372,8 @@ def run_search_bench(*, repository: Path | None = None, images_dir: Path | None 
         image_ms = percentiles(image_encode_ms(stack, images[0], max(10, encode_repeats // 3)))
         log(f"  text tower alone p50 {text_ms['p50_ms']:.2f} ms; decode + image tower alone p50 "
             f"{image_ms['p50_ms']:.2f} ms")
+        text_rows, text_targets, text_notes = text_points(stack, repeats=encode_repeats, duration_s=duration_s,
+                                                          warmup_s=warmup_s, log=log)
         for kind in kinds:
             for filtered in filters:
                 for conc in concurrency:
@@ -405,6 +412,11 @@ def run_search_bench(*, repository: Path | None = None, images_dir: Path | None 
     result.plots.append(plot(rows, out / "search.png", f"SearchImages, {model_name}, {len(images)} images, "
                                                        f"top_k {TOP_K}").name)
     write_result(result, out)
+    write_result(BenchResult(
+        name="search_text", title="Search: text queries by length bucket, and the query embedding cache",
+        config={"model_id": model_id, "buckets": list(stack.manifest.text.buckets), "duration_s": duration_s,
+                "repeats": encode_repeats, "quick": quick},
+        rows=text_rows, targets=text_targets, notes=text_notes), out)
     return result
 
 
