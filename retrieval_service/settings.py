@@ -92,13 +92,15 @@ class Settings(BaseSettings):
         description="Vitrine model repository (manifest.json + tokenizer.json); the one Triton serves",
     )
     encoder_url: str = Field("127.0.0.1:8001", description="Triton KServe v2 gRPC endpoint host:port")
-    encoder_timeout_s: float = Field(30.0, gt=0, description="deadline of one encoder call, seconds")
+    encoder_timeout_s: float = Field(30.0, gt=0, description="deadline of one encoder call, seconds; cut short by the "
+                                                                  "caller's remaining gRPC deadline")
     milvus_uri: str = Field(
         "var/milvus.db",
         description="Milvus Lite file (path ending .db) or a Milvus server URI such as http://host:19530",
     )
     milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token 'user:password' or API key")
-    milvus_timeout_s: float = Field(10.0, gt=0, description="deadline of one Milvus call, seconds (Milvus Lite "
+    milvus_timeout_s: float = Field(10.0, gt=0, description="deadline of one Milvus call, seconds, cut short by the "
+                                                                 "caller's remaining gRPC deadline (Milvus Lite "
                                                            "writes and flushes get at least 60 s)")
     collection: str = Field("", description="Milvus collection; empty = derived from the model id")
     index: IndexSettings = Field(default_factory=IndexSettings)
