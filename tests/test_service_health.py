@@ -81,9 +81,12 @@ async def test_health_follows_the_encoder(demo, tmp_path):
             os.killpg(encoder.proc.pid, signal.SIGKILL)  # the whole process group, tritonserver included
             encoder.proc.wait()
             await wait_status(server.port, NOT_SERVING)
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.SearchImages(pb.SearchImagesRequest(text="seven"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # a text never asked: it needs the encoder
+                await stub.SearchImages(pb.SearchImagesRequest(text="eight"))
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            # a text asked while the encoder was up comes from the query embedding cache and still answers
+            cached = await stub.SearchImages(pb.SearchImagesRequest(text="seven", top_k=5))
+            assert [r.image.image_id for r in cached.results] == [resp.image_id] and cached.encode_ms == 0
             stats = await stub.GetCollectionStats(pb.GetCollectionStatsRequest())  # Milvus still answers
             assert stats.image_count == 1
     finally:
