@@ -57,6 +57,18 @@ class ImageTower(_Strict):
     std: tuple[float, float, float]
 
 
+def check_length_buckets(buckets: tuple[int, ...], context_length: int) -> tuple[int, ...]:
+    """`buckets` when they are valid text length buckets: strictly ascending, >= 2, the last = context_length.
+
+    Raises:
+        ValueError: otherwise (the message lists the buckets).
+    """
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 2 or buckets[-1] != context_length:
+        raise ValueError(f"length buckets must be strictly ascending, >= 2 and end at context_length "
+                         f"{context_length}, got {list(buckets)}")
+    return buckets
+
+
 class TextTower(_Strict):
     """The text tower as Triton serves it.
 
@@ -84,9 +96,7 @@ class TextTower(_Strict):
         buckets = self.length_buckets
         if not buckets:
             return self
-        if list(buckets) != sorted(set(buckets)) or buckets[0] < 2 or buckets[-1] != self.context_length:
-            raise ValueError(f"length_buckets must be strictly ascending, >= 2 and end at context_length "
-                             f"{self.context_length}, got {list(buckets)}")
+        check_length_buckets(buckets, self.context_length)
         if len(buckets) > 1 and not self.dynamic_length:
             raise ValueError(f"length_buckets {list(buckets)} need a dynamic_length text tower (this graph takes "
                              f"only {self.context_length} tokens)")

@@ -23,7 +23,7 @@ import ftfy
 import numpy as np
 from tokenizers import Tokenizer
 
-from vitrine.manifest import Manifest
+from vitrine.manifest import Manifest, check_length_buckets
 
 
 def _has_lowercase(normalizer: dict | None) -> bool:
@@ -153,10 +153,7 @@ class TextTokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of texts, got a single str")
-        buckets = tuple(buckets) if buckets else (self.context_length,)
-        if list(buckets) != sorted(set(buckets)) or buckets[0] < 2 or buckets[-1] != self.context_length:
-            raise ValueError(f"buckets must be ascending in [2, {self.context_length}] and end at context_length, "
-                             f"got {list(buckets)}")
+        buckets = check_length_buckets(tuple(buckets), self.context_length) if buckets else (self.context_length,)
         prepared: list[str] = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):

@@ -157,18 +157,13 @@ def embedding_result(item: Embedding | Exception, errors: ErrorMapper) -> pb.Emb
                               cached=item.cached)
 
 
-def embed_texts_response(batch: EmbedBatch, errors: ErrorMapper) -> pb.EmbedTextsResponse:
-    """EmbedBatch of texts -> EmbedTextsResponse (one EmbeddingResult per text, request order)."""
-    return pb.EmbedTextsResponse(embeddings=[embedding_result(item, errors) for item in batch.items],
-                                 model_id=batch.model_id, embedding_dim=batch.embedding_dim,
-                                 encode_ms=batch.encode_ms)
-
-
-def embed_images_response(batch: EmbedBatch, errors: ErrorMapper) -> pb.EmbedImagesResponse:
-    """EmbedBatch of images -> EmbedImagesResponse (one EmbeddingResult per image, request order)."""
-    return pb.EmbedImagesResponse(embeddings=[embedding_result(item, errors) for item in batch.items],
-                                  model_id=batch.model_id, embedding_dim=batch.embedding_dim,
-                                  encode_ms=batch.encode_ms)
+def embed_response(batch: EmbedBatch, errors: ErrorMapper,
+                   response_type: type[pb.EmbedTextsResponse] | type[pb.EmbedImagesResponse]
+                   ) -> pb.EmbedTextsResponse | pb.EmbedImagesResponse:
+    """EmbedBatch -> `response_type` (EmbedTextsResponse / EmbedImagesResponse): one EmbeddingResult per item, in
+    request order, with the model id, dim and encode_ms."""
+    return response_type(embeddings=[embedding_result(item, errors) for item in batch.items],
+                         model_id=batch.model_id, embedding_dim=batch.embedding_dim, encode_ms=batch.encode_ms)
 
 
 def generate_request(request: pb.GenerateImagesRequest) -> GenerateRequest:

@@ -117,7 +117,7 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         `EmbedQueries.embed_texts`.
         """
         batch = await self._embed.embed_texts(convert.embed_texts_request(request))
-        return convert.embed_texts_response(batch, self.errors)
+        return convert.embed_response(batch, self.errors, pb.EmbedTextsResponse)
 
     @unary_errors
     async def EmbedImages(self, request: pb.EmbedImagesRequest,  # noqa: N802
@@ -129,4 +129,4 @@ class RetrievalService(pb_grpc.RetrievalServiceServicer):
         See `EmbedQueries.embed_images`.
         """
         batch = await self._embed.embed_images(convert.embed_images_request(request))
-        return convert.embed_images_response(batch, self.errors)
+        return convert.embed_response(batch, self.errors, pb.EmbedImagesResponse)

@@ -43,7 +43,7 @@ from retrieval_service.usecases.ingest import IngestImages, IngestLimits
 from retrieval_service.usecases.preprocess import ImageDecoder, ImageLimits
 from retrieval_service.usecases.rerank import build_rerankers
 from retrieval_service.usecases.search import SearchImages, SearchLimits
-from vitrine.manifest import Manifest
+from vitrine.manifest import Manifest, check_length_buckets
 from vitrine.tokenizer import TextTokenizer
 from vitrine.v1 import retrieval_service_pb2 as pb, retrieval_service_pb2_grpc as pb_grpc
 
@@ -115,7 +115,7 @@ class RetrievalServer:
         self.search = SearchImages(
             model_id=self.manifest.model_id, embed=self.embed, store=self.async_store,
             rerankers=build_rerankers(self.model_reranker), rerank_settings=rr,
-            limits=SearchLimits(max_top_k=settings.max_top_k, max_text_chars=settings.max_text_chars),
+            limits=SearchLimits(max_top_k=settings.max_top_k),
         )
         self.ingest = IngestImages(
             encoder=self.encoder, store=self.async_store, blobs=self.blobs, decoder=decoder,
@@ -245,10 +245,7 @@ def text_buckets(manifest: Manifest, configured: list[int]) -> tuple[int, ...]:
     if not text.dynamic_length:
         raise ValueError(f"text_length_buckets {configured} need a dynamic-length text tower; the repository's "
                          f"{text.triton_model!r} takes only {text.context_length} tokens (re-export it)")
-    if buckets[0] < 2 or buckets[-1] != text.context_length:
-        raise ValueError(f"text_length_buckets {configured} must lie in [2, {text.context_length}] and end at the "
-                         f"context length {text.context_length}")
-    return buckets
+    return check_length_buckets(buckets, text.context_length)
 
 
 def create_server(settings: Settings) -> RetrievalServer:

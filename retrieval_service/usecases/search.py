@@ -46,10 +46,9 @@ _QUERY_FIELD = {TextQuery: "text", ImageQuery: "image", StoredImageQuery: "image
 
 @dataclass(frozen=True)
 class SearchLimits:
-    """Request limits of search (settings `max_top_k`, `max_text_chars`)."""
+    """Request limits of search (settings `max_top_k`; text limits are the embed use case's)."""
 
     max_top_k: int = 1000
-    max_text_chars: int = 1000
 
 
 class SearchImages:
@@ -61,7 +60,7 @@ class SearchImages:
         store: the collection (async).
         rerankers: one Reranker per available method (built once, `rerank.build_rerankers`).
         rerank_settings: defaults and bounds of the rerank fields.
-        limits: top_k and text bounds.
+        limits: the top_k bound.
     """
 
     def __init__(self, *, model_id: str, embed: EmbedQueries, store: AsyncVectorStore,
